@@ -1,0 +1,5 @@
+"""The ``pyro-llm`` command line."""
+
+from .main import cli
+
+__all__ = ["cli"]

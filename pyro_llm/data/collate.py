@@ -1,0 +1,85 @@
+"""Tokenising examples into fixed tensors and serving deterministic minibatches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .examples import Example
+
+__all__ = ["EncodedDataset", "encode_examples"]
+
+
+@dataclass
+class EncodedDataset:
+    """Padded token tensors of a whole split (right padding) plus labels and choice masks.
+
+    ``choice_mask[i, c]`` is True for the answer classes example ``i`` actually has.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    choice_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: torch.Tensor, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for the rows ``index`` (trimmed to their longest row)."""
+        mask = self.attention_mask[index]
+        width = int(mask.sum(1).max())
+        out = {
+            "input_ids": self.input_ids[index, :width],
+            "attention_mask": mask[:, :width],
+            "labels": self.labels[index],
+            "choice_mask": self.choice_mask[index],
+            "index": index,
+        }
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids[index, :width]
+        return {k: v.to(device) if device is not None else v for k, v in out.items()}
+
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        """A permutation that depends only on ``(seed, epoch)``: resumable data order."""
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return torch.randperm(len(self), generator=gen)
+
+    def training_batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """Row indices of training step ``step`` (epochs reshuffled, the last partial batch dropped)."""
+        per_epoch = max(len(self) // batch_size, 1)
+        epoch, pos = divmod(step, per_epoch)
+        order = self.epoch_order(seed, epoch)
+        return order[pos * batch_size:(pos + 1) * batch_size]
+
+    def sequential(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Row indices in order, for evaluation."""
+        for start in range(0, len(self), batch_size):
+            yield torch.arange(start, min(start + batch_size, len(self)))
+
+
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    num_classes: int,
+    max_length: int = 256,
+) -> EncodedDataset:
+    """Tokenise ``examples``; causal prompts are left-truncated by the tokenizer's setting so
+    they keep their final ``Answer:``."""
+    if not examples:
+        raise ValueError("no examples to encode")
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    kwargs = dict(padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    if any(p is not None for p in pairs):
+        enc = tokenizer(texts, [p or "" for p in pairs], **kwargs)
+    else:
+        enc = tokenizer(texts, **kwargs)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    choices = torch.tensor([e.num_choices for e in examples])
+    choice_mask = torch.arange(num_classes)[None, :] < choices[:, None]
+    return EncodedDataset(enc["input_ids"], enc["attention_mask"], labels, choice_mask, enc.get("token_type_ids"))

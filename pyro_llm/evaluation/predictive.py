@@ -1,0 +1,79 @@
+"""The N-sample predictive ``p(y|x) = 1/N sum_s softmax(f(x; A_s))``, ``A_s ~ q``.
+
+Probabilities are averaged, never logits. The ``N`` weight samples are evaluated batched: the
+sample dimension is folded into the batch (each site's value gets a leading ``S`` dimension and
+the batch is stacked ``S`` times, see :func:`pyro_llm.models.lora.lora_product`), in chunks of at
+most ``max_rows`` rows so memory stays bounded. ``num_samples = 0`` evaluates the guide's mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.collate import EncodedDataset
+from ..guides.factory import guide_median, guide_sample
+from ..models.model import BayesianLoRAModel
+
+__all__ = ["predict_proba", "mean_logits"]
+
+
+def _stack_batch(batch: dict[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
+    return {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in batch.items() if k in
+            ("input_ids", "attention_mask", "choice_mask", "token_type_ids")}
+
+
+def _chunks(total: int, size: int) -> Iterator[int]:
+    done = 0
+    while done < total:
+        yield min(size, total - done)
+        done += size
+
+
+@torch.no_grad()
+def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *, num_samples: int = 10,
+                  batch_size: int = 8, max_rows: int = 64, device: torch.device | str | None = None,
+                  progress: bool = True, desc: str = "predict") -> torch.Tensor:
+    """Predictive probabilities ``[len(data), C]`` under ``guide``.
+
+    :param num_samples: weight samples ``N`` (``0``: the guide's mean/median weights).
+    :param max_rows: bound on rows per forward pass (``samples x batch``); lower it to save memory.
+    """
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    device = device or model.device
+    out = []
+    batches = list(data.sequential(batch_size))
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = data.batch(idx, device)
+        rows = batch["input_ids"].shape[0]
+        if num_samples == 0:
+            with model.use_values(guide_median(guide, batch)):
+                probs = model.logits(**_stack_batch(batch, 1)).softmax(-1)
+            out.append(probs.cpu())
+            continue
+        acc = torch.zeros(rows, data.choice_mask.shape[1], dtype=torch.float64, device=device)
+        per_pass = max(1, max_rows // rows)
+        for s in _chunks(num_samples, per_pass):
+            draws = [guide_sample(guide, batch, model.site_names) for _ in range(s)]
+            stacked = {name: torch.stack([d[name] for d in draws]) for name in model.site_names}
+            with model.use_values(stacked if s > 1 else draws[0]):
+                logits = model.logits(**_stack_batch(batch, s))
+            acc += logits.softmax(-1).double().view(s, rows, -1).sum(0)
+        out.append((acc / num_samples).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_logits(model: BayesianLoRAModel, values: dict[str, torch.Tensor], data: EncodedDataset, *,
+                batch_size: int = 8, device: torch.device | str | None = None) -> torch.Tensor:
+    """Logits ``[len(data), C]`` at fixed site values (e.g. the MAP)."""
+    device = device or model.device
+    out = []
+    for idx in data.sequential(batch_size):
+        batch = data.batch(idx, device)
+        with model.use_values(values):
+            out.append(model.logits(**_stack_batch(batch, 1)).cpu())
+    return torch.cat(out)

@@ -1,0 +1,115 @@
+"""Atomic file writes and safe loading.
+
+Every file pyro-llm writes goes to a temporary sibling first and is renamed into place, so a
+run killed at any moment leaves either the old file or the new one, never half of either.
+Nothing here unpickles code: tensors travel as safetensors, and the only ``torch.load`` uses
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CorruptFileError",
+    "atomic_write_json",
+    "atomic_save_tensors",
+    "atomic_torch_save",
+    "load_tensors",
+    "safe_torch_load",
+    "replace_dir",
+]
+
+
+class CorruptFileError(RuntimeError):
+    """A file pyro-llm wrote cannot be read back (truncated, edited, or not ours)."""
+
+
+def _tmp_sibling(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save a flat name -> tensor mapping as safetensors, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning any parse failure into :class:`CorruptFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({err})") from err
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` of plain containers of tensors and numbers (optimiser states), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{path} is not a readable tensor file ({err})") from err
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a fully written ``staging`` directory onto ``target``.
+
+    The old target is first renamed to ``<target>.old`` and removed only after the new one is in
+    place, so an interruption at any point leaves one complete copy (see
+    :func:`pyro_llm.infer.checkpoint.find_checkpoint`).
+    """
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,90 @@
+"""From names to a ready :class:`BayesianLoRAModel`: load, inject LoRA, pick the head."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import PreTrainedTokenizerBase
+
+from ..data.prompts import answer_strings
+from ..data.tasks import CLASSIFICATION, TaskSpec
+from ..priors import PriorLike
+from .heads import AnswerTokenHead, SequenceClassificationHead, answer_token_ids
+from .loading import load_causal_lm, load_sequence_classifier
+from .model import BayesianLoRAModel
+
+__all__ = ["LoRAOptions", "build_model", "default_targets"]
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """LoRA hyper-parameters (BLoB's reference: r 8, alpha 16, dropout 0, q/v projections)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+
+def default_targets(kind: str) -> tuple[str, ...]:
+    return ("query", "value") if kind == CLASSIFICATION else ("q_proj", "v_proj")
+
+
+def build_model(
+    model_name: str,
+    task: TaskSpec,
+    *,
+    lora: LoRAOptions = LoRAOptions(),
+    prior: PriorLike = None,
+    b_site: bool = False,
+    dataset_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    cache: str | os.PathLike | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> tuple[BayesianLoRAModel, PreTrainedTokenizerBase]:
+    """Load ``model_name``, add LoRA (fresh, seeded, or from a peft ``adapter_dir``) and wrap it.
+
+    Multiple-choice tasks take a causal LM with the answer-token head; classification tasks an
+    encoder with a new classification head (kept trainable through peft's ``modules_to_save``).
+    """
+    if task.kind == CLASSIFICATION:
+        base, tok = load_sequence_classifier(model_name, task.num_classes, device=device, dtype=dtype, cache=cache,
+                                             trust_remote_code=trust_remote_code, seed=seed)
+        head = SequenceClassificationHead()
+        task_type = TaskType.SEQ_CLS
+    else:
+        base, tok = load_causal_lm(model_name, device=device, dtype=dtype, cache=cache,
+                                   trust_remote_code=trust_remote_code)
+        head = AnswerTokenHead(answer_token_ids(tok, answer_strings(task.num_classes)))
+        task_type = TaskType.CAUSAL_LM
+    if adapter_dir is not None:
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    else:
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+                            target_modules=list(lora.target_modules or default_targets(task.kind)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(base, config)
+    peft_model.to(torch.device(device) if not isinstance(device, torch.device) else device)
+    peft_model.eval()  # dropout off: randomness comes from the guide
+    return BayesianLoRAModel(peft_model, head, prior, b_site=b_site, dataset_size=dataset_size), tok
+
+
+def lora_options_from_adapter(adapter_dir: str | os.PathLike) -> LoRAOptions:
+    cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    targets: Sequence[str] = sorted(cfg.target_modules) if cfg.target_modules else ()
+    return LoRAOptions(rank=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=tuple(targets))
+
+
+__all__ += ["lora_options_from_adapter"]

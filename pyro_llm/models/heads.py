@@ -1,0 +1,58 @@
+"""Heads: from a (peft) transformer and a batch to class logits ``[batch, classes]``."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Head", "AnswerTokenHead", "SequenceClassificationHead", "answer_token_ids"]
+
+
+class Head(Protocol):
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> list[int]:
+    """The token id of each answer string (``" A"``...), which must be a single token."""
+    ids = []
+    for ans in answers:
+        toks = tokenizer(ans, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ValueError(f"answer {ans!r} is {len(toks)} tokens for this tokenizer; it must be exactly one")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answers {list(answers)} map to repeated token ids {ids}")
+    return ids
+
+
+class AnswerTokenHead:
+    """Next-token logits of the answer-label tokens at each row's last real position.
+
+    Only the last position goes through the output layer (``lm_head``, LoRA-adapted or not), so
+    no ``[batch, length, vocab]`` tensor is formed. Rows must be right-padded.
+    """
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        self.token_ids = torch.tensor(list(token_ids), dtype=torch.long)
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.long().sum(1) - 1
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = base.get_output_embeddings()(h_last)
+        return logits[:, self.token_ids.to(logits.device)]
+
+
+class SequenceClassificationHead:
+    """The classifier logits of an ``AutoModelForSequenceClassification``."""
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits

