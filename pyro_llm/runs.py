@@ -193,6 +193,8 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
     _retarget_head(run, task)
     data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.test_limit)
     n = cfg.eval_samples if samples is None else samples
+    if cfg.guide == "map":
+        n = 0  # a point mass: every sample is the same network
     if predictor is not None:
         probs = predictor(data)
     else:
