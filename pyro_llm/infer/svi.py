@@ -165,11 +165,15 @@ class SVITrainer:
         params = [store[n] for n in self.param_names]
         for step in bar:
             batch = data.batch(data.training_batch(step, cfg.batch_size, cfg.seed), device)
-            loss = self.loss(batch, step)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step}; lower the learning rate or check the data "
-                    "(the last good checkpoint is kept)")
+            try:
+                loss = self.loss(batch, step)
+            except FloatingPointError as err:
+                loss, reason = None, str(err)
+            else:
+                reason = f"loss is {loss.item()}"
+            if loss is None or not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{reason} at step {step}; lower the learning rate or check the data "
+                                         "(the last good checkpoint is kept)")
             loss.backward()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

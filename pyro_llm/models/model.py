@@ -132,6 +132,8 @@ class BayesianLoRAModel:
         values = {s.name: pyro.sample(s.name, self.prior.prior_dist(s.name, s.layer, s.shape)) for s in self.sites}
         with self.use_values(values):
             logits = self.logits(input_ids, attention_mask, choice_mask, token_type_ids)
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("the network produced NaN or infinite logits (diverged weights or bad input)")
         batch = logits.shape[0]
         if self.dataset_size is not None and index is not None:
             plate = pyro.plate("data", self.dataset_size, subsample=index.to(logits.device))

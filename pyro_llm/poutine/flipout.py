@@ -90,6 +90,7 @@ class FlipoutMessenger(Messenger):
         loc = q.loc.expand(weight.shape)
         msg["value"] = flipout_product(x, loc, weight - loc)
         msg["done"] = True
+        msg["infer"]["flipout"] = True
 
 
 def flipout(fn=None, sites: Iterable[str] | None = None):

@@ -1,0 +1,110 @@
+"""Training loop, checkpoints, resume, faults."""
+
+import json
+
+import pyro
+import pytest
+import torch
+
+from pyro_llm.config import RunConfig
+from pyro_llm.infer import NonFiniteLossError, OptimConfig, SVITrainer
+from pyro_llm.io import CorruptFileError
+from pyro_llm.runs import RunDirExistsError, evaluate, load_run, train
+
+
+def _cfg(tiny_llama, guide="blob", steps=6, **kw):
+    return RunConfig(task="arc-easy", model=str(tiny_llama), guide=guide, train_limit=24, test_limit=16,
+                     max_length=96, eval_samples=3, optim=OptimConfig(steps=steps, batch_size=4, lr=1e-2,
+                                                                     checkpoint_every=3), **kw)
+
+
+def _params(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "guide.safetensors"))
+
+
+@pytest.mark.parametrize("guide", ["blob", "map"])
+def test_resume_gives_the_uninterrupted_result(tiny_llama, tmp_path, guide):
+    cfg = _cfg(tiny_llama, guide)
+    train(cfg, tmp_path / "full", progress=False, evaluate_after=False)
+    full = _params(tmp_path / "full")
+
+    # an interrupted run: stop after 3 steps (its checkpoint is the state a kill would leave)
+    from pyro_llm.runs import _build, _guide, get_task, load_examples, encode_examples, make_elbo, make_kl_schedule
+
+    run_dir = tmp_path / "cut"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"kind": "svi", "run": cfg.to_dict()}))
+    pyro.clear_param_store()
+    task = get_task(cfg.task)
+    ex = load_examples(task, "train", limit=cfg.train_limit)
+    model, tok = _build(cfg, task, len(ex), None)
+    trainer = SVITrainer(model, _guide(cfg, model), cfg.optim, elbo=make_elbo(cfg.elbo), use_flipout=cfg.flipout,
+                         kl_schedule=make_kl_schedule("constant"), run_dir=run_dir, progress=False)
+    trainer.fit(encode_examples(ex, tok, task.num_classes, cfg.max_length), stop_after=3)
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == 3
+
+    train(cfg, run_dir, resume=True, progress=False, evaluate_after=False)
+    resumed = _params(run_dir)
+    assert resumed.keys() == full.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
+    assert len(json.loads((run_dir / "history.json").read_text())) == 6
+
+
+def test_existing_run_dir_is_refused(tiny_llama, tmp_path):
+    cfg = _cfg(tiny_llama, "map", steps=2)
+    train(cfg, tmp_path / "r", progress=False, evaluate_after=False)
+    with pytest.raises(RunDirExistsError, match="--overwrite"):
+        train(cfg, tmp_path / "r", progress=False)
+    train(cfg, tmp_path / "r", overwrite=True, progress=False, evaluate_after=False)
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train(cfg, tmp_path / "none", resume=True, progress=False)
+    other = _cfg(tiny_llama, "map", steps=3)
+    with pytest.raises(ValueError, match="differs"):
+        train(other, tmp_path / "r", resume=True, progress=False)
+
+
+def test_interrupted_checkpoint_swap_recovers_old_copy(tiny_llama, tmp_path):
+    from pyro_llm.infer import find_checkpoint
+
+    cfg = _cfg(tiny_llama, "map", steps=3)
+    train(cfg, tmp_path / "r", progress=False, evaluate_after=False)
+    ckpt = tmp_path / "r" / "checkpoint"
+    ckpt.rename(tmp_path / "r" / "checkpoint.old")  # a kill between the two renames
+    assert find_checkpoint(tmp_path / "r") == tmp_path / "r" / "checkpoint.old"
+
+
+def test_corrupt_guide_file_is_reported(tiny_llama, tmp_path):
+    cfg = _cfg(tiny_llama, "blob", steps=2)
+    train(cfg, tmp_path / "r", progress=False, evaluate_after=False)
+    (tmp_path / "r" / "guide.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CorruptFileError, match="guide.safetensors"):
+        load_run(tmp_path / "r")
+
+
+def test_nan_loss_stops_with_a_clear_error(arc_model):
+    model, data = arc_model
+    from pyro_llm.guides import BLoBGuide
+
+    guide = BLoBGuide(model)
+    trainer = SVITrainer(model, guide, OptimConfig(steps=3, batch_size=4, lr=1e30, warmup_ratio=0.0),
+                         progress=False)
+    with pytest.raises(NonFiniteLossError, match="at step"):
+        trainer.fit(data)
+
+
+def test_train_then_evaluate_in_and_out_of_distribution(tiny_llama, tmp_path):
+    cfg = _cfg(tiny_llama, "blob", steps=4)
+    metrics = train(cfg, tmp_path / "r", progress=False)
+    assert set(metrics) == {"arc-easy/test"} and metrics["arc-easy/test"]["n"] == 16
+    for name in ("config.json", "guide.safetensors", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "metrics.json", "reliability_arc-easy_test.png"):
+        assert (tmp_path / "r" / name).is_file(), name
+    again = evaluate(tmp_path / "r", limit=16, progress=False, samples=3)
+    assert again.n == 16
+    ood = evaluate(tmp_path / "r", "winogrande", limit=12, progress=False)  # 2 answer classes
+    assert ood.n == 12
+    table = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert {"arc-easy/test", "winogrande/test"} <= set(table)
