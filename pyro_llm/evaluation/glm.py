@@ -1,0 +1,107 @@
+"""The linearised (GLM) predictive of a Laplace guide.
+
+``f(x) ~ N(f*(x), J Sigma J^T)`` with ``J`` the Jacobian of the answer logits with respect to the
+site weights at the MAP. Per site and class ``c``, ``J_c`` is the matrix ``G_c = sum_t g_ct a_t^T``
+(``d_out x d_in``) and, with ``G~ = Q_S^T G Q_A``,
+
+    (J Sigma J^T)_{cc'} = sum_sites [ <G_c, G_c'>_F / lambda + sum_ij G~_c,ij G~_c',ij (1/(s_i a_j + lambda) - 1/lambda) ]
+
+All classes' gradients come from one batched backward (``is_grads_batched``; a loop over classes
+where an operation does not support it). Predictive probabilities: the probit approximation
+``softmax(mu / sqrt(1 + pi/8 diag Sigma))`` or Monte Carlo over logits, averaging probabilities.
+Covariances are computed for several prior precisions at once (for tuning by validation NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.collate import EncodedDataset
+from ..guides.laplace import LaplaceGuide
+
+__all__ = ["glm_logit_moments", "probit_probs", "mc_probs"]
+
+
+def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``d logits[:, c] / d output`` for every class ``c``: tensors of shape ``C x output.shape``."""
+    C = logits.shape[1]
+    eye = torch.eye(C, dtype=logits.dtype, device=logits.device)[:, None, :].expand(C, *logits.shape)
+    try:
+        return list(torch.autograd.grad(logits, outputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True))
+    except RuntimeError:
+        per_class = [torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=True) for c in range(C)]
+        return [torch.stack([g[i] for g in per_class]) for i in range(len(outputs))]
+
+
+def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
+                      batch_size: int = 4, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAP logits ``[N, C]`` and logit covariances ``[L, N, C, C]``, one per prior precision:
+    ``prior_precisions`` is a vector of ``L`` scalars or an ``L x sites`` matrix (default: the
+    guide's own)."""
+    model = guide.model
+    if prior_precisions is None:  # the guide's own: one row, scalar or per site
+        lams = guide.prior_precision.double().reshape(1, -1)
+    else:  # a vector is L scalar precisions; a matrix is L x sites
+        lams = prior_precisions.double()
+        lams = lams.reshape(-1, 1) if lams.dim() <= 1 else lams
+    names = model.site_names
+    site_lams = lams if lams.shape[1] == len(names) else lams[:, :1].expand(-1, len(names))
+    device = model.device
+    means, covs = [], []
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured[name] = (inputs[0].detach(), output)
+        return fn
+
+    handles = [s.module.register_forward_hook(hook(s.name)) for s in model.sites]
+    values = {k: v.detach().requires_grad_(True) for k, v in guide.median().items()}
+    try:
+        for idx in tqdm(list(data.sequential(batch_size)), desc="glm", disable=not progress, leave=False):
+            batch = data.batch(idx, device)
+            captured.clear()
+            with torch.enable_grad(), model.use_values(values):
+                logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"],
+                                      batch.get("token_type_ids"))
+                grads = _class_grads(logits, [captured[n][1] for n in names])
+            B, C = logits.shape
+            cov = torch.zeros(lams.shape[0], B, C, C, dtype=torch.float64, device=device)
+            for i, (name, g) in enumerate(zip(names, grads)):
+                a = captured[name][0].reshape(B, -1, captured[name][0].shape[-1]).double()
+                g = g.reshape(C, B, -1, g.shape[-1]).double()
+                G = torch.einsum("cbto,bti->bcoi", g, a)  # per-example Jacobian matrices
+                block = guide.blocks[name]
+                Gt = block.project(G)
+                frob = torch.einsum("bcoi,bdoi->bcd", G, G)
+                w = block.covariance_weights(site_lams[:, i].to(device))  # L x kS x kA
+                cov += frob[None] / site_lams[:, i].to(device)[:, None, None, None]
+                cov += torch.einsum("bcij,bdij,lij->lbcd", Gt, Gt, w)
+            means.append(logits.detach().double().cpu())
+            covs.append(cov.cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(means), torch.cat(covs, dim=1)
+
+
+def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``softmax(mu / sqrt(1 + pi/8 diag Sigma))``."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0)
+    return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+
+
+def mc_probs(mean: torch.Tensor, cov: torch.Tensor, num_samples: int = 1000,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """``E[softmax(f)]``, ``f ~ N(mean, cov)``, by Monte Carlo (probabilities averaged, not logits)."""
+    C = mean.shape[-1]
+    jitter = 1e-9 * torch.eye(C, dtype=cov.dtype) + 1e-6 * torch.diag_embed(
+        torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1, keepdim=True).expand(*cov.shape[:-2], C))
+    chol = torch.linalg.cholesky(cov + jitter)
+    eps = torch.randn(num_samples, *mean.shape, dtype=cov.dtype, generator=generator)
+    f = mean + torch.einsum("...ij,s...j->s...i", chol, eps)
+    return torch.softmax(f, -1).mean(0)

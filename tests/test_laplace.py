@@ -1,0 +1,202 @@
+"""Laplace-LoRA: K-FAC, the structured posterior against dense algebra, sampling, evidence, GLM."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from pyro_llm.curvature import EigenFactor, FactorAccumulator, KFACConfig, KronBlock, fit_kfac
+from pyro_llm.data import EncodedDataset
+from pyro_llm.evaluation.glm import glm_logit_moments, mc_probs, probit_probs
+from pyro_llm.guides import LaplaceGuide
+from pyro_llm.infer.laplace import blocks_from_factors, fit_laplace, optimize_prior_precision
+from pyro_llm.models import BayesianLoRAModel
+
+
+# -- a single LoRA linear layer as a BayesianLoRAModel ------------------------------------------------
+class OneLinear(nn.Module):
+    def __init__(self, d_in=5, d_out=3):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out, bias=False)
+
+
+class LinearHead:
+    def __call__(self, model, input_ids, attention_mask, token_type_ids=None):
+        return model.base_model.model.lin(input_ids)[:, 0, :]
+
+
+def one_linear_model(n=1, d_in=5, d_out=3, r=2, seed=0):
+    torch.manual_seed(seed)
+    peft = get_peft_model(OneLinear(d_in, d_out), LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
+    model = BayesianLoRAModel(peft, LinearHead(), b_site=True, dataset_size=n)
+    with torch.no_grad():
+        for s in model.sites:
+            s.module.weight.normal_(0, 0.5)
+    x = torch.randn(n, 1, d_in)
+    data = EncodedDataset(x, torch.ones(n, 1, dtype=torch.long), torch.randint(0, d_out, (n,)),
+                          torch.ones(n, d_out, dtype=torch.bool))
+    return model, data
+
+
+def _grad_outer(model, data, i):
+    values = {k: v.clone().requires_grad_(True) for k, v in model.point_values().items()}
+    batch = data.batch(torch.tensor([i]))
+    with model.use_values(values):
+        logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"])
+    nll = -logits.log_softmax(-1)[0, batch["labels"][0]]
+    grads = torch.autograd.grad(nll, [values[n] for n in model.site_names])
+    return {n: torch.outer(g.flatten(), g.flatten()).double() for n, g in zip(model.site_names, grads)}
+
+
+@pytest.mark.parametrize("mode", ["reduce", "expand"])
+def test_kfac_equals_exact_fisher_for_one_example_on_one_linear_layer(mode):
+    model, data = one_linear_model(n=1)
+    factors = fit_kfac(model, data, KFACConfig(fisher="empirical", mode=mode, n_kfac=100), progress=False)
+    exact = _grad_outer(model, data, 0)
+    for name in model.site_names:
+        S, A = factors.factors[name]
+        torch.testing.assert_close(torch.kron(S.to_matrix(), A.to_matrix()), exact[name], rtol=1e-6, atol=1e-9)
+
+
+# -- the tiny Llama with A and B sites ------------------------------------------------------------------
+@pytest.fixture()
+def laplace_model(tiny_llama):
+    from pyro_llm.data import encode_examples, get_task, load_examples
+    from pyro_llm.models import LoRAOptions, build_model
+
+    task = get_task("arc-easy")
+    ex = load_examples(task, "train", limit=12)
+    model, tok = build_model(str(tiny_llama), task, lora=LoRAOptions(rank=2), b_site=True, dataset_size=len(ex))
+    with torch.no_grad():
+        for s in model.sites:
+            s.module.weight.normal_(0, 0.3)  # a "trained" adapter: B != 0
+    return model, encode_examples(ex, tok, task.num_classes, max_length=64)
+
+
+def test_full_rank_low_rank_and_streamed_factors_agree(laplace_model):
+    model, data = laplace_model
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    full = fit_kfac(model, data, KFACConfig(n_kfac=1000, mode="expand"), progress=False, generator=gen())
+    streamed = fit_kfac(model, data, KFACConfig(n_kfac=1000, mode="expand", dense_threshold=0), progress=False,
+                        generator=gen())
+    low = fit_kfac(model, data, KFACConfig(n_kfac=4, mode="expand"), progress=False, generator=gen())
+    for name in model.site_names:
+        for f, s in zip(full.factors[name], streamed.factors[name]):
+            torch.testing.assert_close(f.to_matrix(), s.to_matrix(), rtol=1e-6, atol=1e-8)
+        S, A = low.factors[name]
+        Sf, Af = full.factors[name]
+        big, big_full = (A, Af) if A.dim >= S.dim else (S, Sf)
+        assert big.rank == 4
+        torch.testing.assert_close(big.eigvals, big_full.eigvals[:4], rtol=1e-6, atol=1e-8)
+
+
+def test_structured_posterior_equals_dense(laplace_model):
+    model, data = laplace_model
+    fit = fit_laplace(model, data, KFACConfig(n_kfac=3), prior_precision=0.7, progress=False)
+    guide = fit.guide
+    dense_logdet = 0.0
+    sq = 0.0
+    for name in model.site_names:
+        block = guide.blocks[name]
+        P = block.to_matrix(0.7)
+        torch.testing.assert_close(block.logdet_precision(0.7), torch.logdet(P), rtol=1e-8, atol=1e-6)
+        D = torch.randn(block.shape, dtype=torch.float64)
+        torch.testing.assert_close(block.quad_precision(D, 0.7), D.flatten() @ P @ D.flatten(), rtol=1e-8, atol=1e-8)
+        dense_logdet += torch.logdet(P)
+        sq += block.mean.double().pow(2).sum()
+        P_total = sum(b.numel for b in guide.blocks.values())
+    lml = fit.factors.log_likelihood - 0.35 * sq + 0.5 * P_total * math.log(0.7) - 0.5 * dense_logdet
+    torch.testing.assert_close(guide.log_marginal_likelihood(fit.factors.log_likelihood), lml, rtol=1e-8, atol=1e-6)
+
+
+def test_glm_variance_equals_dense_jacobian_algebra(laplace_model):
+    model, data = laplace_model
+    fit = fit_laplace(model, data, KFACConfig(n_kfac=3), prior_precision=2.0, progress=False)
+    guide = fit.guide
+    sub = EncodedDataset(data.input_ids[:3], data.attention_mask[:3], data.labels[:3], data.choice_mask[:3])
+    mean, cov = glm_logit_moments(guide, sub, torch.tensor([2.0, 5.0]), progress=False)
+    names = model.site_names
+    cov_dense = torch.block_diag(*[torch.linalg.inv(guide.blocks[n].to_matrix(2.0)) for n in names])
+    values = {n: v.clone().requires_grad_(True) for n, v in guide.median().items()}
+    for i in range(3):
+        batch = sub.batch(torch.tensor([i]))
+        with model.use_values(values):
+            logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"])[0]
+        J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], [values[n] for n in names],
+                                                                             retain_graph=True)])
+                         for c in range(logits.shape[0])]).double()
+        torch.testing.assert_close(cov[0, i], J @ cov_dense @ J.T, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(mean[i], logits.detach().double())
+    assert (torch.diagonal(cov[1], dim1=-2, dim2=-1) <= torch.diagonal(cov[0], dim1=-2, dim2=-1) + 1e-12).all()
+
+
+def test_guide_samples_have_the_analytic_covariance():
+    gen = torch.Generator().manual_seed(0)
+    S = EigenFactor.from_matrix(torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64))
+    X = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    A = EigenFactor.from_matrix(X.T @ X, rank=2)  # low rank: the complement has only the prior
+    block = KronBlock(torch.randn(2, 6, generator=gen, dtype=torch.float64), S, A)
+    n = 200_000
+    draws = block.rsample(0.8, torch.Size([n]), generator=gen).reshape(n, -1)
+    emp = torch.cov(draws.T)
+    analytic = torch.linalg.inv(block.to_matrix(0.8))
+    torch.testing.assert_close(draws.mean(0), block.mean.flatten(), atol=4 * analytic.diag().max().sqrt() / n ** 0.5,
+                               rtol=0)
+    assert (emp - analytic).abs().max() < 0.03 * analytic.abs().max()
+    value = draws[0].reshape(2, 6)
+    dense_lp = torch.distributions.MultivariateNormal(block.mean.flatten(), precision_matrix=block.to_matrix(0.8))
+    torch.testing.assert_close(block.log_prob(value, 0.8), dense_lp.log_prob(value.flatten()), rtol=1e-8, atol=1e-8)
+
+
+def test_marginal_likelihood_is_maximised(laplace_model):
+    model, data = laplace_model
+    fit = fit_laplace(model, data, KFACConfig(n_kfac=3), progress=False)
+    lam = float(fit.guide.prior_precision)
+    ll = fit.factors.log_likelihood
+    best = fit.guide.log_marginal_likelihood(ll, torch.tensor(lam))
+    for f in (0.5, 2.0):
+        assert best > fit.guide.log_marginal_likelihood(ll, torch.tensor(lam * f))
+    per_site = optimize_prior_precision(fit.guide, ll, layerwise=True)
+    assert per_site.shape == (len(model.sites),)
+    assert fit.guide.log_marginal_likelihood(ll) >= best - 1e-6
+
+
+def test_guide_works_with_pyro_predictive_and_saves(laplace_model, tmp_path):
+    from pyro_llm.evaluation import predict_proba
+
+    model, data = laplace_model
+    guide = fit_laplace(model, data, KFACConfig(n_kfac=3), progress=False).guide
+    batch = data.batch(torch.arange(4))
+    batch.pop("labels")
+    out = pyro.infer.Predictive(model, guide=guide, num_samples=2, return_sites=["logits"])(**batch)
+    assert out["logits"].shape[0] == 2
+    probs = predict_proba(model, guide, data, num_samples=3, progress=False)
+    assert torch.allclose(probs.sum(1), torch.ones(len(data)), atol=1e-5)
+    guide.save(tmp_path / "laplace.safetensors")
+    again = LaplaceGuide.load(model, tmp_path / "laplace.safetensors")
+    torch.testing.assert_close(again.prior_precision, guide.prior_precision)
+    for n in model.site_names:
+        torch.testing.assert_close(again.blocks[n].A.eigvecs, guide.blocks[n].A.eigvecs)
+
+
+def test_probit_and_mc_predictives():
+    mean = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float64)
+    zero = torch.zeros(1, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(probit_probs(mean, zero), mean.softmax(-1))
+    torch.testing.assert_close(mc_probs(mean, zero, 100), mean.softmax(-1), atol=1e-5, rtol=0)
+    wide = 25 * torch.eye(3, dtype=torch.float64)[None]
+    for p in (probit_probs(mean, wide), mc_probs(mean, wide, 20000, torch.Generator().manual_seed(0))):
+        assert p.max() < mean.softmax(-1).max()  # uncertainty flattens the predictive
+    assert (probit_probs(mean, wide) - mc_probs(mean, wide, 20000, torch.Generator().manual_seed(0))).abs().max() < 0.1
+
+
+def test_accumulator_streams_exactly_when_rank_suffices():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    acc = FactorAccumulator(8, rank=3, dense=False, device=torch.device("cpu"))
+    for chunk in X.split(7):
+        acc.add(chunk, chunk.shape[0])
+    torch.testing.assert_close(acc.result(1.0, None).to_matrix(), X.T @ X, rtol=1e-8, atol=1e-8)
