@@ -200,3 +200,38 @@ def test_accumulator_streams_exactly_when_rank_suffices():
     for chunk in X.split(7):
         acc.add(chunk, chunk.shape[0])
     torch.testing.assert_close(acc.result(1.0, None).to_matrix(), X.T @ X, rtol=1e-8, atol=1e-8)
+
+
+def test_laplace_cli_on_our_map_run_and_on_a_plain_peft_adapter(tiny_llama, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pyro_llm.cli import cli
+
+    runner = CliRunner()
+    common = ["--train-limit", "12", "--test-limit", "8", "--max-length", "64"]
+    res = runner.invoke(cli, ["svi-train", "--model", str(tiny_llama), "--guide", "map", "--steps", "3", "--lr", "1e-2",
+                              "--out", str(tmp_path / "map"), *common], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for predictive in ("glm", "nn"):
+        out = tmp_path / f"la-{predictive}"
+        res = runner.invoke(cli, ["laplace", "--adapter", str(tmp_path / "map"), "--out", str(out), "--predictive",
+                                  predictive, "--eval-samples", "3", *common], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert "log marginal likelihood" in res.output and "ECE" in res.output
+        assert (out / "laplace" / "guide.safetensors").is_file() and (out / "reliability_arc-easy_test.png").is_file()
+    res = runner.invoke(cli, ["evaluate", str(tmp_path / "la-glm"), "--task", "arc-challenge", "--limit", "6"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0 and "arc-challenge/test" in res.output, res.output
+    # any peft adapter: made with peft alone, base model named in its config
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(tmp_path / "plain")
+    res = runner.invoke(cli, ["laplace", "--adapter", str(tmp_path / "plain"), "--out", str(tmp_path / "la-plain"),
+                              "--prior-precision", "val-nll", *common], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    fit = json.loads((tmp_path / "la-plain" / "laplace" / "fit.json").read_text())
+    assert fit["num_params"] == 2 * 2 * (4 * 32) + 2 * (32 * 4) + 2 * (16 * 4)

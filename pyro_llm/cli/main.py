@@ -124,6 +124,50 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
     click.echo(f"run saved to {kw['out']}")
 
 
+@cli.command("laplace", context_settings=CONTEXT)
+@_common_model_options
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A pyro-llm MAP run folder or any peft LoRA adapter folder.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--fisher", default="mc", type=click.Choice(["mc", "empirical"]),
+              help="mc: labels sampled from the model (the Fisher); empirical: true labels.")
+@click.option("--kfac-mode", default="reduce", type=click.Choice(["reduce", "expand"]),
+              help="Treatment of sequence positions (Eschenhagen et al. 2023).")
+@click.option("--n-kfac", default=10, help="Rank kept of the large K-FAC factor of each LoRA matrix.")
+@click.option("--dense-threshold", default=4096, help="Factors larger than this are streamed at low rank.")
+@click.option("--a-only", is_flag=True, help="Posterior over A only (default: A and B, as the paper).")
+@click.option("--prior-precision", default="marglik",
+              help="marglik, marglik-layerwise, val-nll, or a fixed positive number.")
+@click.option("--predictive", default="glm", type=click.Choice(["glm", "glm-mc", "nn", "map"]),
+              help="glm: linearised + probit; glm-mc: linearised + Monte Carlo; nn: weight samples; map.")
+@click.option("--mc-samples", default=1000, help="Logit samples of the glm-mc predictive.")
+@click.option("--eval-samples", default=10, help="Weight samples of the nn predictive.")
+@click.option("--batch-size", default=4)
+@click.option("--ece-bins", default=15)
+@click.option("--seed", default=0)
+@click.option("--overwrite", is_flag=True)
+def laplace_cmd(**kw: Any) -> None:
+    """Fit a post-hoc Laplace posterior (low-rank K-FAC) to a LoRA adapter, tune its prior, evaluate."""
+    from ..laplace_run import LaplaceConfig, laplace
+
+    try:
+        lcfg = LaplaceConfig(adapter=kw["adapter"], fisher=kw["fisher"], kfac_mode=kw["kfac_mode"],
+                             n_kfac=kw["n_kfac"], dense_threshold=kw["dense_threshold"], a_only=kw["a_only"],
+                             prior_precision=kw["prior_precision"], predictive=kw["predictive"],
+                             mc_samples=kw["mc_samples"], batch_size=kw["batch_size"])
+        cfg = RunConfig(task=kw["task"], model=kw["model_name"], train_limit=kw["train_limit"],
+                        test_limit=kw["test_limit"], max_length=kw["max_length"], device=kw["device"],
+                        dtype=kw["dtype"], eval_samples=kw["eval_samples"], ece_bins=kw["ece_bins"],
+                        optim=OptimConfig(seed=kw["seed"]))
+        result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
+        _fail(err)
+    _print_metrics({k: v for k, v in result.items() if isinstance(v, dict)})
+    click.echo(f"log marginal likelihood {result['log_marginal_likelihood']:.2f}, "
+               f"prior precision {result['prior_precision']}")
+    click.echo(f"run saved to {kw['out']}")
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     for key, m in metrics.items():
         click.echo(f"{key}: accuracy {m['accuracy']:.2f}%  ECE {m['ece']:.2f}%  NLL {m['nll']:.4f}  "

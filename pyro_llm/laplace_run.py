@@ -1,0 +1,183 @@
+"""``pyro-llm laplace``: a post-hoc Laplace posterior for any LoRA adapter, saved as a run.
+
+``--adapter`` is a pyro-llm MAP run folder (its ``adapter/`` is used) or any peft LoRA adapter
+folder (``adapter_config.json`` + weights). The base model is the run's, the adapter's
+``base_model_name_or_path``, or ``--model``. Layout of a Laplace run::
+
+    RUN_DIR/config.json           {"kind": "laplace", "run": RunConfig, "laplace": LaplaceConfig}
+    RUN_DIR/adapter/              a copy of the MAP adapter (the run does not depend on --adapter later)
+    RUN_DIR/laplace/guide.safetensors   K-FAC eigen-factors, MAP means, prior precision(s)
+    RUN_DIR/laplace/fit.json      log-likelihood, evidence, prior precision, fit time
+    RUN_DIR/metrics.json, reliability_*.png
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .config import RunConfig
+from .curvature import KFACConfig
+from .data import TaskSpec, get_task
+from .evaluation import compute_metrics, predict_proba
+from .evaluation.glm import glm_logit_moments, mc_probs, probit_probs
+from .guides import LaplaceGuide
+from .infer.laplace import fit_laplace
+from .io import atomic_write_json
+from .models import build_model, lora_options_from_adapter, resolve_device
+from .runs import _retarget_head, load_split, prepare_run_dir, read_config, record_metrics
+
+__all__ = ["LaplaceConfig", "LaplaceRun", "laplace", "load_laplace_run", "resolve_adapter"]
+
+PREDICTIVES = ("glm", "glm-mc", "nn", "map")
+
+
+@dataclass
+class LaplaceConfig:
+    adapter: str = ""
+    fisher: str = "mc"
+    kfac_mode: str = "reduce"
+    n_kfac: int = 10
+    dense_threshold: int = 4096
+    a_only: bool = False
+    prior_precision: str = "marglik"  # marglik | marglik-layerwise | val-nll | <float>
+    predictive: str = "glm"
+    mc_samples: int = 1000
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.predictive not in PREDICTIVES:
+            raise ValueError(f"unknown predictive {self.predictive!r}; choose one of {', '.join(PREDICTIVES)}")
+        if self.prior_precision not in ("marglik", "marglik-layerwise", "val-nll"):
+            try:
+                if float(self.prior_precision) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--prior-precision must be marglik, marglik-layerwise, val-nll or a positive "
+                                 f"number, got {self.prior_precision!r}") from None
+
+
+def resolve_adapter(adapter: str | Path, model: str | None) -> tuple[Path, str, RunConfig | None]:
+    """``(peft adapter folder, base model name, the MAP run's config if it is one of ours)``."""
+    path = Path(adapter)
+    run_cfg = None
+    if (path / "config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        run_cfg = RunConfig.from_dict(read_config(path)["run"])
+        path = path / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} is neither a pyro-llm run nor a peft adapter folder "
+                                "(no adapter_config.json)")
+    base = model or (run_cfg.model if run_cfg else None)
+    if base is None:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter}: the adapter names no base model; pass --model")
+    return path, base, run_cfg
+
+
+class LaplaceRun:
+    """A loaded Laplace run: model (A and B sites at the MAP), guide, and its predictives."""
+
+    def __init__(self, model: Any, guide: LaplaceGuide, tokenizer: Any, config: RunConfig, lconfig: LaplaceConfig,
+                 task: TaskSpec, run_dir: Path) -> None:
+        self.model, self.guide, self.tokenizer = model, guide, tokenizer
+        self.config, self.lconfig, self.task, self.run_dir = config, lconfig, task, run_dir
+
+    def predict(self, data: Any, predictive: str | None = None, samples: int | None = None,
+                progress: bool = True) -> torch.Tensor:
+        kind = predictive or self.lconfig.predictive
+        if kind == "nn":
+            n = self.config.eval_samples if samples is None else samples
+            return predict_proba(self.model, self.guide, data, num_samples=n, batch_size=self.config.eval_batch_size,
+                                 max_rows=self.config.max_rows, progress=progress)
+        if kind == "map":
+            return predict_proba(self.model, self.guide, data, num_samples=0, progress=progress)
+        mean, cov = glm_logit_moments(self.guide, data, batch_size=self.lconfig.batch_size, progress=progress)
+        if kind == "glm":
+            return probit_probs(mean, cov[0]).float()
+        gen = torch.Generator().manual_seed(self.config.optim.seed)
+        return mc_probs(mean, cov[0], self.lconfig.mc_samples, gen).float()
+
+    def evaluate(self, task: TaskSpec, *, split: str = "test", limit: int | None = None, progress: bool = True,
+                 predictive: str | None = None, samples: int | None = None):
+        _retarget_head(self, task)  # type: ignore[arg-type]
+        data = load_split(self.config, task, split, self.tokenizer, limit if limit is not None else self.config.test_limit)
+        kind = predictive or self.lconfig.predictive
+        probs = self.predict(data, kind, samples, progress)
+        metrics = compute_metrics(probs, data.labels, n_bins=self.config.ece_bins)
+        record_metrics(self.run_dir, f"{task.name}/{split}" + ("" if kind == self.lconfig.predictive else f"/{kind}"),
+                       metrics, probs, data.labels, {"predictive": kind})
+        return metrics
+
+
+def _build(cfg: RunConfig, lcfg: LaplaceConfig, task: TaskSpec, adapter_dir: Path, base: str, cache: str | None,
+           dataset_size: int | None):
+    pyro.clear_param_store()
+    return build_model(base, task, lora=lora_options_from_adapter(adapter_dir), b_site=not lcfg.a_only,
+                       dataset_size=dataset_size, device=resolve_device(cfg.device), dtype=cfg.dtype, cache=cache,
+                       adapter_dir=adapter_dir, seed=cfg.optim.seed)
+
+
+def _tune_by_validation(run: LaplaceRun, progress: bool) -> float:
+    val = load_split(run.config, run.task, "validation", run.tokenizer, None)
+    grid = torch.logspace(-2, 4, 25, dtype=torch.float64)
+    mean, cov = glm_logit_moments(run.guide, val, grid, batch_size=run.lconfig.batch_size, progress=progress)
+    nll = torch.stack([-probit_probs(mean, c).gather(1, val.labels[:, None]).clamp_min(1e-12).log().mean()
+                       for c in cov])
+    return float(grid[int(nll.argmin())])
+
+
+def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: str | None = None,
+            overwrite: bool = False, progress: bool = True, cache: str | None = None) -> dict[str, Any]:
+    """Fit a Laplace posterior to ``lcfg.adapter`` on ``cfg.task`` and evaluate it on the test split."""
+    run_dir = Path(run_dir)
+    adapter_dir, base, _ = resolve_adapter(lcfg.adapter, model or cfg.model)
+    cfg.model = base
+    task = get_task(cfg.task)
+    prepare_run_dir(run_dir, overwrite=overwrite)
+    lcfg.adapter = str(adapter_dir.resolve())
+    shutil.copytree(adapter_dir, run_dir / "adapter")  # the run is self-contained
+    atomic_write_json(run_dir / "config.json", {"kind": "laplace", "run": cfg.to_dict(), "laplace": asdict(lcfg)})
+    net, tok = _build(cfg, lcfg, task, run_dir / "adapter", base, cache, None)
+    train = load_split(cfg, task, "train", tok, cfg.train_limit)
+    net.dataset_size = len(train)
+    kcfg = KFACConfig(fisher=lcfg.fisher, mode=lcfg.kfac_mode, n_kfac=lcfg.n_kfac,
+                      dense_threshold=lcfg.dense_threshold, batch_size=lcfg.batch_size)
+    start = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
+    fixed = lcfg.prior_precision not in ("marglik", "marglik-layerwise", "val-nll")
+    fit = fit_laplace(net, train, kcfg, prior_precision=float(lcfg.prior_precision) if fixed else "marglik",
+                      layerwise=lcfg.prior_precision == "marglik-layerwise", progress=progress,
+                      generator=gen if net.device.type == "cpu" else None)
+    fit_seconds = time.perf_counter() - start
+    run = LaplaceRun(net, fit.guide, tok, cfg, lcfg, task, run_dir)
+    if lcfg.prior_precision == "val-nll":
+        fit.guide.set_prior_precision(_tune_by_validation(run, progress))
+    fit.guide.save(run_dir / "laplace" / "guide.safetensors")
+    lml = float(fit.guide.log_marginal_likelihood(fit.factors.log_likelihood))
+    atomic_write_json(run_dir / "laplace" / "fit.json", {
+        "log_likelihood": fit.factors.log_likelihood, "log_marginal_likelihood": lml,
+        "prior_precision": fit.guide.prior_precision.tolist(), "num_examples": fit.factors.num_examples,
+        "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in fit.guide.blocks.values())})
+    metrics = run.evaluate(task, progress=progress)
+    return {f"{task.name}/test": metrics.as_dict(), "log_marginal_likelihood": lml,
+            "prior_precision": fit.guide.prior_precision.tolist()}
+
+
+def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | None = None) -> LaplaceRun:
+    raw = read_config(run_dir)
+    cfg = RunConfig.from_dict(raw["run"])
+    lcfg = LaplaceConfig(**raw["laplace"])
+    if device is not None:
+        cfg.device = device
+    task = get_task(cfg.task)
+    net, tok = _build(cfg, lcfg, task, run_dir / "adapter", cfg.model or "", cache, None)
+    guide = LaplaceGuide.load(net, run_dir / "laplace" / "guide.safetensors")
+    return LaplaceRun(net, guide, tok, cfg, lcfg, task, run_dir)
