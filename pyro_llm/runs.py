@@ -36,7 +36,8 @@ from .io import atomic_write_json
 from .models import AnswerTokenHead, BayesianLoRAModel, LoRAOptions, answer_token_ids, build_model, resolve_device
 from .priors import prior_from_name
 
-__all__ = ["RunDirExistsError", "LoadedRun", "prepare_run_dir", "train", "load_run", "evaluate", "record_metrics"]
+__all__ = ["RunDirExistsError", "LoadedRun", "prepare_run_dir", "train", "load_run", "evaluate", "record_metrics",
+           "zero_shot"]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,26 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
     key = label or f"{task.name}/{split}"
     record_metrics(run.run_dir, key, metrics, probs, data.labels, {"samples": n})
     return metrics, probs
+
+
+def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+              cache: str | None = None) -> dict[str, Any]:
+    """Evaluate the base model (LoRA ``B = 0``, i.e. no adapter) on ``cfg.task``'s test split."""
+    run_dir = Path(run_dir)
+    task = get_task(cfg.task)
+    prepare_run_dir(run_dir, overwrite=overwrite)
+    cfg.guide = "map"
+    atomic_write_json(run_dir / "config.json", {"kind": "zero-shot", "run": cfg.to_dict()})
+    pyro.clear_param_store()
+    model, tok = _build(cfg, task, None, cache)
+
+    class _Base:  # the adapter's initial point: B = 0, so the network is the base model
+        def median(self, **_: Any) -> dict[str, torch.Tensor]:
+            return model.point_values()
+
+    metrics, _ = evaluate_loaded(LoadedRun(model, _Base(), tok, cfg, task, run_dir), task, samples=0,
+                                 progress=progress)
+    return {f"{task.name}/test": metrics.as_dict()}
 
 
 def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test", samples: int | None = None,

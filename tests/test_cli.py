@@ -39,6 +39,18 @@ def test_svi_train_and_evaluate(tiny_llama, tmp_path):
     assert "arc-challenge/test" in res.output and "openbookqa/test" in res.output
 
 
+def test_zero_shot_equals_an_untrained_adapter(tiny_llama, tmp_path):
+    res = _run(["zero-shot", "--model", str(tiny_llama), "--test-limit", "8", "--max-length", "64",
+                "--out", str(tmp_path / "zs")])
+    assert res.exit_code == 0, res.output
+    zs = json.loads((tmp_path / "zs" / "metrics.json").read_text())["arc-easy/test"]
+    res = _run(["svi-train", "--model", str(tiny_llama), "--guide", "map", "--steps", "1", "--lr", "0",
+                "--train-limit", "8", "--test-limit", "8", "--max-length", "64", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())["arc-easy/test"]
+    assert m["nll"] == pytest.approx(zs["nll"], abs=1e-6) and m["accuracy"] == zs["accuracy"]
+
+
 def test_bad_names_give_clear_errors(tmp_path):
     res = _run(["svi-train", "--task", "arc-eazy", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "unknown task 'arc-eazy'" in res.output and "arc-easy" in res.output

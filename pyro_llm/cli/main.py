@@ -168,6 +168,22 @@ def laplace_cmd(**kw: Any) -> None:
     click.echo(f"run saved to {kw['out']}")
 
 
+@cli.command("zero-shot", context_settings=CONTEXT)
+@_common_model_options
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--overwrite", is_flag=True)
+def zero_shot_cmd(**kw: Any) -> None:
+    """Evaluate the base model without any adapter (the fine-tuning baseline)."""
+    from ..runs import zero_shot
+
+    try:
+        cfg = RunConfig(task=kw["task"], model=kw["model_name"], test_limit=kw["test_limit"],
+                        max_length=kw["max_length"], device=kw["device"], dtype=kw["dtype"])
+        _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
+        _fail(err)
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     for key, m in metrics.items():
         click.echo(f"{key}: accuracy {m['accuracy']:.2f}%  ECE {m['ece']:.2f}%  NLL {m['nll']:.4f}  "
