@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import pyro
 import torch
+from torch import distributed as dist
 
 from .config import RunConfig
 from .data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
@@ -102,18 +104,37 @@ def write_back_means(model: BayesianLoRAModel, guide: Any, batch: dict[str, torc
             model.site(name).module.weight.copy_(value.to(model.site(name).module.weight.dtype))
 
 
+def init_distributed(cfg: RunConfig) -> int:
+    """Join the process group when launched by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1):
+    NCCL with one GPU per local rank, or gloo on CPU. Returns this process's rank (0 when alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            cfg.device = f"cuda:{local}"
+    return dist.get_rank()
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
           progress: bool = True, cache: str | None = None, evaluate_after: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and evaluate on the task's test split; returns the metrics."""
     run_dir = Path(run_dir)
     task = get_task(cfg.task)
+    rank = init_distributed(cfg)
     if resume and (run_dir / "config.json").is_file():
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["run"])
-        if saved.to_dict() != cfg.to_dict():
+        if {**saved.to_dict(), "device": None} != {**cfg.to_dict(), "device": None}:
             raise ValueError(f"--resume: {run_dir}/config.json differs from the options given; "
                              "resume with the same options")
-    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    atomic_write_json(run_dir / "config.json", {"kind": "svi", "run": cfg.to_dict()})
+    if rank == 0:
+        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        atomic_write_json(run_dir / "config.json", {"kind": "svi", "run": cfg.to_dict()})
+    if dist.is_initialized():
+        dist.barrier()
     pyro.clear_param_store()
     # the model needs N before the data is tokenised: count examples first
     train_examples = load_examples(task, "train", limit=cfg.train_limit, split_seed=cfg.split_seed)
@@ -125,6 +146,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
     trainer = SVITrainer(model, guide, cfg.optim, elbo=make_elbo(cfg.elbo), use_flipout=cfg.flipout,
                          kl_schedule=kl, run_dir=run_dir, progress=progress)
     history = trainer.fit(train_data, resume=resume)
+    if rank > 0:  # other ranks of a torchrun job: rank 0 saves and evaluates
+        return {}
     atomic_write_json(run_dir / "history.json", history)
     first = train_data.batch(torch.arange(min(2, len(train_data))), model.device)
     write_back_means(model, guide, first)

@@ -8,6 +8,11 @@ separate optimiser and rate for ``G``), gradient clipping and mixed precision ar
 
 The loss is the negative ELBO divided by the data-set size ``N`` (the per-example ELBO): the same
 optimum, and learning rates keep the meaning they have in the reference code (mean NLL).
+
+Several processes: under ``torch.distributed`` (launched by ``torchrun`` or ``accelerate launch``)
+each rank takes its share of every global minibatch, each rank's loss is an unbiased estimate of
+the same ELBO (the plate scales its share by ``N / local batch``), and gradients are averaged with
+``all_reduce`` before the update, so ranks stay identical. Rank 0 alone writes checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from ..data.collate import EncodedDataset
@@ -136,6 +142,29 @@ class SVITrainer:
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
 
+    # -- several processes -------------------------------------------------------------------------
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _local(self, index: torch.Tensor) -> torch.Tensor:
+        rank, world = self._world()
+        if world > 1 and index.shape[0] % world:
+            raise ValueError(f"batch size {index.shape[0]} is not divisible by the {world} processes")
+        return index[rank::world]
+
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
+        _, world = self._world()
+        if world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, data: EncodedDataset, *, resume: bool = False, device: torch.device | str | None = None,
             stop_after: int | None = None) -> list[dict[str, float]]:
@@ -148,8 +177,9 @@ class SVITrainer:
         device = device or self.model.device
         if len(data) < cfg.batch_size:
             raise ValueError(f"the training set has {len(data)} examples, fewer than batch size {cfg.batch_size}")
+        rank, _ = self._world()
         torch.manual_seed(cfg.seed)
-        self._setup(data.batch(data.training_batch(0, cfg.batch_size, cfg.seed), device))
+        self._setup(data.batch(self._local(data.training_batch(0, cfg.batch_size, cfg.seed)), device))
         start = 0
         if resume:
             ckpt = find_checkpoint(self.run_dir) if self.run_dir is not None else None
@@ -160,11 +190,11 @@ class SVITrainer:
                 raise ValueError(f"checkpoint {ckpt} belongs to another model/guide (its parameters differ)")
             self.load_optim_state(optim_state)
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-        bar = tqdm(range(start, end), desc="svi", disable=not self.progress, initial=start, total=end)
+        bar = tqdm(range(start, end), desc="svi", disable=not self.progress or rank > 0, initial=start, total=end)
         store = dict(pyro.get_param_store().named_parameters())
         params = [store[n] for n in self.param_names]
         for step in bar:
-            batch = data.batch(data.training_batch(step, cfg.batch_size, cfg.seed), device)
+            batch = data.batch(self._local(data.training_batch(step, cfg.batch_size, cfg.seed)), device)
             try:
                 loss = self.loss(batch, step)
             except FloatingPointError as err:
@@ -175,6 +205,7 @@ class SVITrainer:
                 raise NonFiniteLossError(f"{reason} at step {step}; lower the learning rate or check the data "
                                          "(the last good checkpoint is kept)")
             loss.backward()
+            self._average_gradients(params)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             for opt in self.optimizers:
@@ -186,7 +217,7 @@ class SVITrainer:
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             done = step + 1
-            if self.run_dir is not None and (done % cfg.checkpoint_every == 0 or done == end):
+            if rank == 0 and self.run_dir is not None and (done % cfg.checkpoint_every == 0 or done == end):
                 save_checkpoint(self.run_dir, self.param_names, self.optim_state(), done, self.history)
         return self.history
 
