@@ -10,6 +10,7 @@ Run directory layout::
       checkpoint/                 the latest training checkpoint (see pyro_llm.infer.checkpoint)
       history.json                loss per step
       metrics.json                {"<task>/<split>": {accuracy, ece, nll, brier, ...}}
+      predictions/<task>_<split>.safetensors   predictive probabilities and labels of each evaluation
       reliability_<task>.png      reliability diagram of each evaluation
       laplace/                    Laplace runs only: K-FAC factors and prior precisions
 """
@@ -34,7 +35,8 @@ from .data.prompts import answer_strings
 from .evaluation import Metrics, compute_metrics, plot_reliability, predict_proba
 from .guides import guide_median, make_guide
 from .infer import SVITrainer, load_params, make_elbo, make_kl_schedule, save_params
-from .io import atomic_write_json
+from .io import atomic_save_tensors, atomic_write_json
+from .models import lora_dropout_active
 from .models import AnswerTokenHead, BayesianLoRAModel, LoRAOptions, answer_token_ids, build_model, resolve_device
 from .priors import prior_from_name
 
@@ -93,6 +95,8 @@ def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tenso
     table = json.loads(path.read_text()) if path.is_file() else {}
     table[key] = {**metrics.as_dict(), **(extra or {})}
     atomic_write_json(path, table)
+    atomic_save_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors",
+                        {"probs": probs.float(), "labels": labels})
     plot_reliability({key: (probs, labels)}, run_dir / f"reliability_{key.replace('/', '_')}.png",
                      n_bins=metrics.ece_bins, title=key)
 
@@ -145,7 +149,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
                           dataset_size=len(train_data), batch_size=cfg.optim.batch_size)
     trainer = SVITrainer(model, guide, cfg.optim, elbo=make_elbo(cfg.elbo), use_flipout=cfg.flipout,
                          kl_schedule=kl, run_dir=run_dir, progress=progress)
-    history = trainer.fit(train_data, resume=resume)
+    with lora_dropout_active(model, enabled=cfg.lora_dropout > 0):
+        history = trainer.fit(train_data, resume=resume)
     if rank > 0:  # other ranks of a torchrun job: rank 0 saves and evaluates
         return {}
     atomic_write_json(run_dir / "history.json", history)
@@ -217,10 +222,15 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
     _retarget_head(run, task)
     data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.test_limit)
     n = cfg.eval_samples if samples is None else samples
-    if cfg.guide == "map":
+    if cfg.guide == "map" and not cfg.lora_dropout:
         n = 0  # a point mass: every sample is the same network
     if predictor is not None:
         probs = predictor(data)
+    elif cfg.guide == "map" and cfg.lora_dropout and n > 0:  # MC dropout on the LoRA input
+        with lora_dropout_active(run.model):
+            probs = predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
+                                  max_rows=cfg.max_rows, progress=progress, desc=f"mc-dropout {task.name}",
+                                  resample_guide=False)
     else:
         probs = predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
                               max_rows=cfg.max_rows, progress=progress, desc=f"eval {task.name}")

@@ -36,3 +36,12 @@ def test_perfectly_calibrated_predictions_have_small_ece():
     assert compute_metrics(probs, labels).ece < 1.5
     edges, conf, acc, count = reliability_bins(probs, labels, 10)
     assert int(count.sum()) == 20000 and torch.allclose(conf[count > 500], acc[count > 500], atol=0.05)
+
+
+def test_temperature_scaling_recovers_the_generating_temperature():
+    from pyro_llm.evaluation import fit_temperature
+
+    gen = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(4000, 4, generator=gen)
+    labels = torch.multinomial(torch.softmax(logits / 2.5, -1), 1, generator=gen).squeeze(1)
+    assert abs(fit_temperature(logits, labels) - 2.5) < 0.2

@@ -35,11 +35,13 @@ def _chunks(total: int, size: int) -> Iterator[int]:
 @torch.no_grad()
 def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *, num_samples: int = 10,
                   batch_size: int = 8, max_rows: int = 64, device: torch.device | str | None = None,
-                  progress: bool = True, desc: str = "predict") -> torch.Tensor:
+                  progress: bool = True, desc: str = "predict", resample_guide: bool = True) -> torch.Tensor:
     """Predictive probabilities ``[len(data), C]`` under ``guide``.
 
     :param num_samples: weight samples ``N`` (``0``: the guide's mean/median weights).
     :param max_rows: bound on rows per forward pass (``samples x batch``); lower it to save memory.
+    :param resample_guide: draw weights from the guide per sample (``False``: the guide's median
+        every time, the randomness coming from the network itself, e.g. MC dropout).
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
@@ -57,7 +59,8 @@ def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *,
         acc = torch.zeros(rows, data.choice_mask.shape[1], dtype=torch.float64, device=device)
         per_pass = max(1, max_rows // rows)
         for s in _chunks(num_samples, per_pass):
-            draws = [guide_sample(guide, batch, model.site_names) for _ in range(s)]
+            draws = [guide_sample(guide, batch, model.site_names) if resample_guide else guide_median(guide, batch)
+                     for _ in range(s)]
             stacked = {name: torch.stack([d[name] for d in draws]) for name in model.site_names}
             with model.use_values(stacked if s > 1 else draws[0]):
                 logits = model.logits(**_stack_batch(batch, s))

@@ -18,6 +18,7 @@ the same ELBO (the plate scales its share by ``N / local batch``), and gradients
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -194,6 +195,7 @@ class SVITrainer:
         store = dict(pyro.get_param_store().named_parameters())
         params = [store[n] for n in self.param_names]
         for step in bar:
+            t0 = time.perf_counter()
             batch = data.batch(self._local(data.training_batch(step, cfg.batch_size, cfg.seed)), device)
             try:
                 loss = self.loss(batch, step)
@@ -213,7 +215,8 @@ class SVITrainer:
                 opt.zero_grad(set_to_none=True)
             for sch in self.schedulers:
                 sch.step()
-            record = {"step": step, "loss": float(loss.item()), "kl_weight": float(self.kl_schedule(step))}
+            record = {"step": step, "loss": float(loss.item()), "kl_weight": float(self.kl_schedule(step)),
+                      "seconds": time.perf_counter() - t0}
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             done = step + 1

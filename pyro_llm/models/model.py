@@ -35,7 +35,7 @@ from ..priors import PriorLike, as_prior
 from .heads import Head
 from .lora import Site, attach_sites
 
-__all__ = ["BayesianLoRAModel", "MASKED_LOGIT"]
+__all__ = ["BayesianLoRAModel", "MASKED_LOGIT", "lora_dropout_active"]
 
 #: logit given to answer classes an example does not have (exactly zero probability in float32)
 MASKED_LOGIT = -1e9
@@ -143,3 +143,17 @@ class BayesianLoRAModel:
             pyro.deterministic("logits", logits, event_dim=1)
             pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)
         return logits
+
+
+@contextlib.contextmanager
+def lora_dropout_active(model: BayesianLoRAModel, enabled: bool = True) -> Iterator[None]:
+    """Switch peft's LoRA-input dropout on (training with dropout; MC dropout at prediction),
+    leaving every other module in eval mode."""
+    layers = [s.layer.lora_dropout[model.adapter] for s in model.sites if s.matrix == "A"] if enabled else []
+    try:
+        for d in layers:
+            d.train()
+        yield
+    finally:
+        for d in layers:
+            d.eval()

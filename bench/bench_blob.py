@@ -1,0 +1,125 @@
+"""BLoB's cost against plain peft LoRA, measured in one run.
+
+* training step: BLoB (BLoBGuide + Flipout + TraceMeanField_ELBO + AdamW/SGD) against a plain peft
+  LoRA step (cross-entropy on the answer logits + AdamW) on the same model, batch and LoRA config;
+  targets: time <= 1.05x, peak memory <= 1.05x;
+* evaluation: N = 10 samples (batched) against one deterministic pass over the same examples.
+
+    python bench/bench_blob.py                                   # CPU, SmolLM2-135M
+    python bench/bench_blob.py --model llama-1b --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pyro
+import torch
+from peft import LoraConfig, get_peft_model
+from pyro.infer import TraceMeanField_ELBO
+
+from common import BayesianLoRAModel, answer_head, arc_batches, describe, interleaved, load_base, peak_memory, report
+from pyro_llm.evaluation import predict_proba
+from pyro_llm.guides import BLoBGuide
+from pyro_llm.poutine import flipout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eval-examples", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--memory-of", choices=["plain", "blob"], default=None,
+                    help="internal: run only this step (CPU peak RSS is per process)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    base, tok = load_base(args.model, device, args.dtype)
+    task, data = arc_batches(tok, max(args.batch_size, args.eval_examples))
+    head = answer_head(tok, task)
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft.eval()
+    batch = data.batch(torch.arange(args.batch_size), device)
+
+    # BLoB on the peft model: its A modules become sites
+    model = BayesianLoRAModel(peft, head, dataset_size=len(data))
+    guide = BLoBGuide(model)
+    elbo = TraceMeanField_ELBO()
+    with flipout():
+        elbo.differentiable_loss(model, guide, **batch)
+    store = dict(pyro.get_param_store().named_parameters())
+    main_opt = torch.optim.AdamW([p for n, p in store.items() if not n.endswith(".G")], lr=1e-4, eps=1e-6)
+    g_opt = torch.optim.SGD([p for n, p in store.items() if n.endswith(".G")], lr=1e-2)
+
+    def blob_step() -> None:
+        with flipout():
+            loss = elbo.differentiable_loss(model, guide, **batch) / len(data)
+        loss.backward()
+        for o in (main_opt, g_opt):
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    # plain peft LoRA on the same modules: A and B trainable, cross-entropy, AdamW. Outside any
+    # Pyro handler the site module's product is a plain F.linear, as peft's nn.Linear.
+    plain_params = [s.module.weight for s in model.sites] + list(model.params.values())
+    plain_opt = torch.optim.AdamW(plain_params, lr=1e-4)
+
+    def plain_step() -> None:
+        for s in model.sites:
+            s.module.weight.requires_grad_(True)
+        logits = head(peft, batch["input_ids"], batch["attention_mask"]).float()
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        for s in model.sites:
+            s.module.weight.requires_grad_(False)
+
+    if args.memory_of:
+        step = plain_step if args.memory_of == "plain" else blob_step
+        print(f"PEAK {peak_memory(lambda: [step() for _ in range(2)], device)}")
+        return
+    if device.type == "cuda":
+        plain_mem = peak_memory(plain_step, device)
+        blob_mem = peak_memory(blob_step, device)
+    else:  # process peak RSS is monotonic: measure each step in its own process
+        plain_mem, blob_mem = (_subprocess_peak(v) for v in ("plain", "blob"))
+    times = interleaved({"blob": blob_step, "plain": plain_step}, args.repeats, device)
+
+    evaluation = arc_batches(tok, args.eval_examples)[1]
+    ev = interleaved({
+        "n10": lambda: predict_proba(model, guide, evaluation, num_samples=10, batch_size=args.batch_size,
+                                     max_rows=64, progress=False),
+        "deterministic": lambda: predict_proba(model, guide, evaluation, num_samples=0, batch_size=args.batch_size,
+                                               progress=False),
+    }, max(1, args.repeats // 2), device, warmup=1)
+    report("blob", {
+        "device": describe(device), "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size,
+        "train_step_seconds": {"blob": times["blob"], "plain_peft_lora": times["plain"]},
+        "train_step_time_ratio": times["blob"] / times["plain"],
+        "peak_memory_bytes": {"blob": blob_mem, "plain_peft_lora": plain_mem},
+        "peak_memory_ratio": blob_mem / plain_mem,
+        "memory_note": "CUDA: max_memory_allocated during one step; CPU: peak RSS of a process that loads the "
+                       "model and runs two steps of one kind (the weights dominate)",
+        "eval_seconds": ev, "eval_n10_over_deterministic": ev["n10"] / ev["deterministic"],
+        "eval_examples": args.eval_examples,
+    }, args.out)
+
+
+def _subprocess_peak(variant: str) -> float:
+    import subprocess
+    import sys
+
+    argv = [a for a in sys.argv[1:]]
+    if "--out" in argv:
+        i = argv.index("--out")
+        del argv[i:i + 2]
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", variant], capture_output=True, text=True,
+                         check=True).stdout
+    return float(next(line for line in out.splitlines() if line.startswith("PEAK ")).split()[1])
+
+
+if __name__ == "__main__":
+    main()

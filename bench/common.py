@@ -1,0 +1,103 @@
+"""Shared benchmark helpers: models of realistic size, batches, timing and memory as ratios.
+
+Every figure is a ratio against a baseline measured in the same process and run, with the two
+timed alternately (``interleaved``) so that machine drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pyro_llm.data import encode_examples, get_task, load_examples  # noqa: E402
+from pyro_llm.data.prompts import answer_strings  # noqa: E402
+from pyro_llm.models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, load_causal_lm  # noqa: E402
+
+#: A Llama-3.2-1B-shaped config for random-init speed benchmarks on a GPU (no weights needed).
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak bytes allocated on the GPU during ``fn`` (CUDA), or the process's peak RSS after it (CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return float(torch.cuda.max_memory_allocated(device))
+    fn()
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def load_base(model: str, device: torch.device, dtype: str):
+    """The real embedded/hub model, or ``llama-1b``: a random-init Llama-1B config with the SmolLM2 tokenizer."""
+    if model == "llama-1b":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        _, tok = load_causal_lm("smollm2-135m", device="cpu")
+        cfg = LlamaConfig(**{**LLAMA_1B, "vocab_size": max(LLAMA_1B["vocab_size"], len(tok))})
+        torch.manual_seed(0)
+        with torch.device(device):
+            base = LlamaForCausalLM(cfg).to(dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+        base.eval()
+        return base, tok
+    return load_causal_lm(model, device=device, dtype=dtype)
+
+
+def arc_batches(tok, n: int, max_length: int = 256):
+    task = get_task("arc-easy")
+    return task, encode_examples(load_examples(task, "train", limit=n), tok, task.num_classes, max_length)
+
+
+def answer_head(tok, task) -> AnswerTokenHead:
+    return AnswerTokenHead(answer_token_ids(tok, answer_strings(task.num_classes)))
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def report(name: str, result: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+__all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "describe", "interleaved", "load_base",
+           "peak_memory", "report", "sync"]
