@@ -7,7 +7,7 @@ In distribution: ARC-Easy, OpenBookQA, BoolQ, WinoGrande; out of distribution: t
 OpenBookQA, tested on ARC-Challenge, ARC-Easy, MMLU college chemistry and physics. Writes
 ``results.json``, ``results.md`` and one reliability diagram per task (MAP, BLoB, Laplace).
 
-    python bench/study.py --config cpu --out docs/results/cpu          # 2 CPU cores
+    python bench/study.py --config cpu --out docs/results/cpu --runs-dir runs/study-cpu   # 2 CPU cores
     python bench/study.py --config gpu --out docs/results/gpu --device cuda
 """
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=IN_DIST)
     ap.add_argument("--model", default=None, help="override the configuration's base model")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--runs-dir", default=None, help="where the individual runs go (default: OUT/runs)")
     args = ap.parse_args()
     c = dict(CONFIGS[args.config])
     if args.model:
@@ -96,7 +97,7 @@ def main() -> None:
     if c["model"] is None:
         raise SystemExit("--model is required for this configuration")
     out = Path(args.out)
-    runs = out / "runs"
+    runs = Path(args.runs_dir) if args.runs_dir else out / "runs"
     started = time.perf_counter()
     # records[(eval key, method)] -> list of metric dicts over seeds
     records: dict[tuple[str, str], list[dict[str, float]]] = {}
