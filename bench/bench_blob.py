@@ -11,34 +11,24 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pyro
 import torch
 from peft import LoraConfig, get_peft_model
 from pyro.infer import TraceMeanField_ELBO
 
-from common import BayesianLoRAModel, answer_head, arc_batches, describe, interleaved, load_base, peak_memory, report
+from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, load_base,
+                    peak_memory, report, subprocess_peak)
 from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.poutine import flipout
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--eval-examples", type=int, default=8)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--memory-of", choices=["plain", "blob"], default=None,
-                    help="internal: run only this step (CPU peak RSS is per process)")
+    ap = bench_parser(__doc__, ["plain", "blob"], examples=8, repeats=5)
     args = ap.parse_args()
     device = torch.device(args.device)
     base, tok = load_base(args.model, device, args.dtype)
-    task, data = arc_batches(tok, max(args.batch_size, args.eval_examples))
+    task, data = arc_batches(tok, max(args.batch_size, args.examples))
     head = answer_head(tok, task)
     peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     peft.eval()
@@ -85,10 +75,10 @@ def main() -> None:
         plain_mem = peak_memory(plain_step, device)
         blob_mem = peak_memory(blob_step, device)
     else:  # process peak RSS is monotonic: measure each step in its own process
-        plain_mem, blob_mem = (_subprocess_peak(v) for v in ("plain", "blob"))
+        plain_mem, blob_mem = (subprocess_peak(__file__, v) for v in ("plain", "blob"))
     times = interleaved({"blob": blob_step, "plain": plain_step}, args.repeats, device)
 
-    evaluation = arc_batches(tok, args.eval_examples)[1]
+    evaluation = arc_batches(tok, args.examples)[1]
     ev = interleaved({
         "n10": lambda: predict_proba(model, guide, evaluation, num_samples=10, batch_size=args.batch_size,
                                      max_rows=64, progress=False),
@@ -104,21 +94,8 @@ def main() -> None:
         "memory_note": "CUDA: max_memory_allocated during one step; CPU: peak RSS of a process that loads the "
                        "model and runs two steps of one kind (the weights dominate)",
         "eval_seconds": ev, "eval_n10_over_deterministic": ev["n10"] / ev["deterministic"],
-        "eval_examples": args.eval_examples,
+        "eval_examples": args.examples,
     }, args.out)
-
-
-def _subprocess_peak(variant: str) -> float:
-    import subprocess
-    import sys
-
-    argv = [a for a in sys.argv[1:]]
-    if "--out" in argv:
-        i = argv.index("--out")
-        del argv[i:i + 2]
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", variant], capture_output=True, text=True,
-                         check=True).stdout
-    return float(next(line for line in out.splitlines() if line.startswith("PEAK ")).split()[1])
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import BayesianLoRAModel, answer_head, arc_batches, describe, interleaved, load_base, report
+from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, fwd_bwd_floor, interleaved,
+                    load_base, report)
 from pyro_llm.curvature import KFACConfig, fit_kfac
 from pyro_llm.evaluation.glm import glm_logit_moments
 from pyro_llm.guides import LaplaceGuide
@@ -24,14 +23,7 @@ from pyro_llm.infer.laplace import blocks_from_factors
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=None)
+    ap = bench_parser(__doc__, [], examples=64, repeats=2)
     args = ap.parse_args()
     device = torch.device(args.device)
     base, tok = load_base(args.model, device, args.dtype)
@@ -46,11 +38,7 @@ def main() -> None:
     values = model.point_values()
 
     def floor() -> None:  # what K-FAC cannot avoid: one forward and one backward per batch
-        for idx in data.sequential(args.batch_size):
-            b = data.batch(idx, device)
-            with model.use_values({k: v.detach().requires_grad_(True) for k, v in values.items()}):
-                logits = model.logits(b["input_ids"], b["attention_mask"], b["choice_mask"])
-                torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").backward()
+        fwd_bwd_floor(model, data, args.batch_size, device)
 
     def kfac(mode: str):
         return lambda: fit_kfac(model, data, KFACConfig(mode=mode, batch_size=args.batch_size), progress=False)

@@ -91,6 +91,47 @@ def describe(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def bench_parser(doc: str, memory_variants: list[str], examples: int = 8, repeats: int = 5):
+    """The options every benchmark shares (``--memory-of`` runs one variant alone, for per-process
+    peak memory on the CPU)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="an embedded/local/hub model, or llama-1b (random init)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--examples", type=int, default=examples)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out", default=None, help="also write the JSON report here")
+    ap.add_argument("--memory-of", choices=memory_variants, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def subprocess_peak(script: str, variant: str) -> float:
+    """Peak memory of ``variant`` measured by re-running ``script`` alone with ``--memory-of``."""
+    import subprocess
+
+    argv = list(sys.argv[1:])
+    if "--out" in argv:
+        i = argv.index("--out")
+        del argv[i:i + 2]
+    out = subprocess.run([sys.executable, script, *argv, "--memory-of", variant], capture_output=True, text=True,
+                         check=True).stdout
+    return float(next(line for line in out.splitlines() if line.startswith("PEAK ")).split()[1])
+
+
+def fwd_bwd_floor(model: BayesianLoRAModel, data, batch_size: int, device: torch.device) -> None:
+    """One forward and one backward pass per batch at the model's point values: what any K-FAC
+    fit has to pay."""
+    values = model.point_values()
+    for idx in data.sequential(batch_size):
+        b = data.batch(idx, device)
+        with model.use_values({k: v.detach().requires_grad_(True) for k, v in values.items()}):
+            logits = model.logits(b["input_ids"], b["attention_mask"], b["choice_mask"])
+            torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").backward()
+
+
 def report(name: str, result: dict[str, Any], out: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
@@ -99,5 +140,5 @@ def report(name: str, result: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-__all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "describe", "interleaved", "load_base",
-           "peak_memory", "report", "sync"]
+__all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "bench_parser", "describe",
+           "fwd_bwd_floor", "interleaved", "load_base", "peak_memory", "report", "subprocess_peak", "sync"]

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from scipy import stats
 from torch.distributions import kl_divergence
@@ -16,7 +16,7 @@ from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import BlobKLReweighting, LinearKLAnnealing, OptimConfig, SVITrainer
 from pyro_llm.models import lora_product
 from pyro_llm.poutine import flipout, flipout_product, kl_weight
-from pyro_llm.priors import GaussianPrior, LaplacePrior, StudentTPrior
+from pyro_llm.priors import LaplacePrior, StudentTPrior
 
 
 def _batch(data, n=4):

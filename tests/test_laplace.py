@@ -12,7 +12,7 @@ from pyro_llm.curvature import EigenFactor, FactorAccumulator, KFACConfig, KronB
 from pyro_llm.data import EncodedDataset
 from pyro_llm.evaluation.glm import glm_logit_moments, mc_probs, probit_probs
 from pyro_llm.guides import LaplaceGuide
-from pyro_llm.infer.laplace import blocks_from_factors, fit_laplace, optimize_prior_precision
+from pyro_llm.infer.laplace import fit_laplace, optimize_prior_precision
 from pyro_llm.models import BayesianLoRAModel
 
 
