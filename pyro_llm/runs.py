@@ -189,6 +189,9 @@ def load_run(run_dir: str | Path, *, device: str | None = None, cache: str | Non
         from .laplace_run import load_laplace_run
 
         return load_laplace_run(run_dir, device=device, cache=cache)
+    if raw.get("kind") != "svi":
+        raise ValueError(f"{run_dir} is a {raw.get('kind')!r} run, which has no trained weights to evaluate "
+                         "(for the base model use `pyro-llm zero-shot --task ...`)")
     cfg = RunConfig.from_dict(raw["run"])
     if device is not None:
         cfg.device = device

@@ -108,3 +108,28 @@ def test_train_then_evaluate_in_and_out_of_distribution(tiny_llama, tmp_path):
     assert ood.n == 12
     table = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert {"arc-easy/test", "winogrande/test"} <= set(table)
+
+
+def test_bfloat16_base_weights_train_on_cpu(tiny_llama):
+    from pyro_llm.data import encode_examples, get_task, load_examples
+    from pyro_llm.guides import BLoBGuide
+    from pyro_llm.models import build_model
+
+    task = get_task("arc-easy")
+    ex = load_examples(task, "train", limit=8)
+    model, tok = build_model(str(tiny_llama), task, dtype="bfloat16", dataset_size=len(ex))
+    assert next(model.peft_model.get_base_model().parameters()).dtype == torch.bfloat16
+    data = encode_examples(ex, tok, task.num_classes, 64)
+    guide = BLoBGuide(model)
+    hist = SVITrainer(model, guide, OptimConfig(steps=3, batch_size=4, lr=1e-2), progress=False).fit(data)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert all(v.dtype == torch.float32 for v in pyro.get_param_store().values())
+
+
+def test_zero_shot_runs_cannot_be_evaluated_as_trained(tiny_llama, tmp_path):
+    from pyro_llm.runs import zero_shot
+
+    zero_shot(RunConfig(task="arc-easy", model=str(tiny_llama), test_limit=4, max_length=64), tmp_path / "zs",
+              progress=False)
+    with pytest.raises(ValueError, match="zero-shot"):
+        load_run(tmp_path / "zs")

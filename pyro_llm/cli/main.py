@@ -118,6 +118,9 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
     try:
         cfg = RunConfig(**run, optim=OptimConfig(**optim))
         metrics = train(cfg, kw["out"], overwrite=kw["overwrite"], resume=kw["resume"], cache=kw["cache_dir"])
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; the last checkpoint in {kw['out']} is intact: "
+                                   "continue with the same command and --resume") from None
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
         _fail(err)
     _print_metrics(metrics)
