@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="override the configuration's base model")
     ap.add_argument("--device", default=None)
     ap.add_argument("--runs-dir", default=None, help="where the individual runs go (default: OUT/runs)")
+    ap.add_argument("--skip-bench", action="store_true", help="leave out the cost benchmarks")
     args = ap.parse_args()
     c = dict(CONFIGS[args.config])
     if args.model:
@@ -152,7 +153,22 @@ def main() -> None:
             labels = predictions(runs / task / f"seed{args.seeds[0]}" / "map", key)[1]
             records.setdefault((key, "ensemble"), []).append(
                 compute_metrics(torch.stack(members).mean(0), labels).as_dict())
-    write_results(out, c, args, records, curves, costs, time.perf_counter() - started)
+    bench = {} if args.skip_bench else cost_benchmarks(c, out)
+    write_results(out, c, args, records, curves, costs, bench, time.perf_counter() - started)
+
+
+def cost_benchmarks(c: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Ratios to plain peft LoRA, from bench/bench_blob.py and bench/bench_laplace.py run now."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    result = {}
+    for name in ("blob", "laplace"):
+        target = out / f"bench_{name}.json"
+        subprocess.run([sys.executable, str(here / f"bench_{name}.py"), "--model", c["model"], "--device", c["device"],
+                        "--dtype", c["dtype"], "--out", str(target)], check=True, capture_output=True)
+        result[name] = json.loads(target.read_text())
+    return result
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -163,14 +179,14 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, curves: dict, costs: dict,
-                  seconds: float) -> None:
+                  bench: dict[str, Any], seconds: float) -> None:
     table: dict[str, Any] = {}
     for (key, method), ms in records.items():
         table.setdefault(key, {})[method] = {m: [r[m] for r in ms] for m in ("accuracy", "ece", "nll", "brier")}
         table[key][method]["n"] = ms[0]["n"]
     device = torch.cuda.get_device_name(0) if c["device"].startswith("cuda") and torch.cuda.is_available() else "CPU"
     meta = {"config": args.config, **c, "seeds": args.seeds, "device": device, "study_seconds": seconds,
-            "costs_seconds": costs}
+            "costs_seconds": costs, "benchmarks": bench}
     atomic_write_json(out / "results.json", {"meta": meta, "results": table})
     lines = [f"Configuration `{args.config}` on {device}: base model {c['model']}, {c['steps']} steps of batch "
              f"{c['batch_size']}, lr {c['lr']}, train limit {c['train_limit']}, test limit {c['test_limit']}, "
@@ -192,6 +208,17 @@ def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, curves
               f"| BLoB training step | {m(costs['blob_step_s']):.3f} | {m(costs['blob_step_s']) / m(costs['map_step_s']):.2f} |",
               f"| Laplace fit (K-FAC + prior) | {m(costs['laplace_fit_s']):.1f} | {m(costs['laplace_fit_s']) / m(costs['map_step_s']):.0f} MAP steps |",
               ""]
+    if bench:
+        b, la = bench["blob"], bench["laplace"]
+        lines += ["### Cost against plain peft LoRA (bench/bench_blob.py, bench/bench_laplace.py, same run)", "",
+                  "| quantity | ratio |", "| --- | --- |",
+                  f"| BLoB training step time / plain LoRA step | {b['train_step_time_ratio']:.3f} |",
+                  f"| BLoB peak memory / plain LoRA ({b['memory_note'].split(';')[0 if 'CUDA' in b['device'] else 1].strip()}) | {b['peak_memory_ratio']:.3f} |",
+                  f"| evaluation N = 10 / one deterministic pass | {b['eval_n10_over_deterministic']:.2f} |",
+                  f"| K-FAC fit (reduce) / one forward + backward | {la['kfac_reduce_over_fwd_bwd']:.3f} |",
+                  f"| K-FAC fit (expand) / one forward + backward | {la['kfac_expand_over_fwd_bwd']:.3f} |",
+                  f"| GLM predictive / one forward pass (bound 1 + C = {la['glm_bound_1_plus_C']}) | {la['glm_over_forward']:.2f} |",
+                  f"| K-FAC factor memory, n_kfac = 10 / dense | {la['factor_memory_ratio']:.4f} |", ""]
     (out / "results.md").write_text("\n".join(lines))
     for key, methods in curves.items():
         plot_reliability(methods, out / f"reliability_{key.split('/')[0]}.png", title=key)
