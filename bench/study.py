@@ -4,10 +4,12 @@ MAP, BLoB and Laplace-LoRA (on each MAP), plus the baselines a user would otherw
 temperature scaling of MAP on the validation split, MC dropout on the LoRA input, and a deep
 ensemble of the MAP adapters of the seeds — with the same base model, data, steps and seeds.
 In distribution: ARC-Easy, OpenBookQA, BoolQ, WinoGrande; out of distribution: trained on
-OpenBookQA, tested on ARC-Challenge, ARC-Easy, MMLU college chemistry and physics. Writes
+OpenBookQA, tested on ARC-Challenge, ARC-Easy, MMLU college chemistry and physics. A second
+testbed (``--config cpu-encoder``): MiniLM with LoRA on SST-2, RTE, MRPC and BoolQ. Writes
 ``results.json``, ``results.md`` and one reliability diagram per task (MAP, BLoB, Laplace).
 
     python bench/study.py --config cpu --out docs/results/cpu --runs-dir runs/study-cpu   # 2 CPU cores
+    python bench/study.py --config cpu-encoder --out docs/results/cpu-encoder --runs-dir runs/study-encoder
     python bench/study.py --config gpu --out docs/results/gpu --device cuda
 """
 
@@ -34,18 +36,24 @@ from pyro_llm.laplace_run import LaplaceConfig, laplace  # noqa: E402
 from pyro_llm.runs import _retarget_head, evaluate, load_run, load_split, train  # noqa: E402
 from pyro_llm.data import get_task  # noqa: E402
 
-CONFIGS: dict[str, dict[str, Any]] = {
-    # sizes chosen so that the whole study finishes well under two hours on 2 CPU cores
-    "cpu": dict(model="smollm2-135m", steps=60, batch_size=4, lr=5e-4, train_limit=120, test_limit=50,
-                max_length=160, eval_samples=5, ood_limit=50, device="cpu", dtype="float32"),
-    "gpu": dict(model="smollm2-135m", steps=500, batch_size=8, lr=5e-4, train_limit=None, test_limit=None,
-                max_length=320, eval_samples=10, ood_limit=None, device="cuda", dtype="bfloat16"),
-    # a seconds-long smoke configuration for tests (pass --model with a tiny local model)
-    "tiny": dict(model=None, steps=3, batch_size=4, lr=1e-2, train_limit=16, test_limit=8, max_length=64,
-                 eval_samples=2, ood_limit=6, device="cpu", dtype="float32"),
-}
 IN_DIST = ["arc-easy", "openbookqa", "boolq", "winogrande"]
+ENCODER_TASKS = ["sst2", "rte", "mrpc", "boolq-cls"]
 OOD_TRAIN, OOD_TESTS = "openbookqa", ["arc-challenge", "arc-easy", "mmlu-college-chemistry", "mmlu-college-physics"]
+CONFIGS: dict[str, dict[str, Any]] = {
+    # SmolLM2 on the papers' commonsense tasks, sized to finish well under two hours on 2 CPU cores
+    "cpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=60, batch_size=4, lr=5e-4, train_limit=120,
+                test_limit=50, max_length=160, eval_samples=5, ood_limit=50, device="cpu", dtype="float32"),
+    "gpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=500, batch_size=8, lr=5e-4, train_limit=None,
+                test_limit=None, max_length=320, eval_samples=10, ood_limit=None, device="cuda", dtype="bfloat16"),
+    # the second testbed: MiniLM with LoRA (q/v) and a trained classifier head, where fine-tuning
+    # learns the task, so calibration differences are not masked by chance-level accuracy
+    "cpu-encoder": dict(model="minilm-l6", tasks=ENCODER_TASKS, ood=False, steps=100, batch_size=16, lr=2e-3,
+                        train_limit=600, test_limit=200, max_length=128, eval_samples=5, ood_limit=None,
+                        device="cpu", dtype="float32"),
+    # a seconds-long smoke configuration for tests (pass --model with a tiny local model)
+    "tiny": dict(model=None, tasks=IN_DIST, ood=True, steps=3, batch_size=4, lr=1e-2, train_limit=16, test_limit=8,
+                 max_length=64, eval_samples=2, ood_limit=6, device="cpu", dtype="float32"),
+}
 METHODS = ["map", "temperature", "mc-dropout", "ensemble", "blob", "laplace"]
 PLOTTED = ["map", "blob", "laplace"]
 
@@ -84,7 +92,7 @@ def main() -> None:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--tasks", nargs="+", default=IN_DIST)
+    ap.add_argument("--tasks", nargs="+", default=None, help="override the configuration's tasks")
     ap.add_argument("--model", default=None, help="override the configuration's base model")
     ap.add_argument("--device", default=None)
     ap.add_argument("--runs-dir", default=None, help="where the individual runs go (default: OUT/runs)")
@@ -105,9 +113,10 @@ def main() -> None:
     curves: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     costs: dict[str, list[float]] = {"map_step_s": [], "blob_step_s": [], "laplace_fit_s": [], "map_eval_s": [],
                                      "blob_eval_s": []}
-    train_tasks = list(dict.fromkeys(args.tasks + [OOD_TRAIN]))
+    tasks = args.tasks or c["tasks"]
+    train_tasks = list(dict.fromkeys(tasks + ([OOD_TRAIN] if c["ood"] else [])))
     for task in train_tasks:
-        evals = [task] + (OOD_TESTS if task == OOD_TRAIN else [])
+        evals = [task] + (OOD_TESTS if c["ood"] and task == OOD_TRAIN else [])
         ensemble: dict[str, list[torch.Tensor]] = {}
         for seed in args.seeds:
             base = runs / task / f"seed{seed}"
@@ -153,7 +162,8 @@ def main() -> None:
             labels = predictions(runs / task / f"seed{args.seeds[0]}" / "map", key)[1]
             records.setdefault((key, "ensemble"), []).append(
                 compute_metrics(torch.stack(members).mean(0), labels).as_dict())
-    bench = {} if args.skip_bench else cost_benchmarks(c, out)
+    # the cost benchmarks time the causal-LM path (answer-token head) against plain peft LoRA
+    bench = {} if args.skip_bench or c["model"] == "minilm-l6" else cost_benchmarks(c, out)
     write_results(out, c, args, records, curves, costs, bench, time.perf_counter() - started)
 
 
@@ -185,7 +195,7 @@ def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, curves
         table.setdefault(key, {})[method] = {m: [r[m] for r in ms] for m in ("accuracy", "ece", "nll", "brier")}
         table[key][method]["n"] = ms[0]["n"]
     device = torch.cuda.get_device_name(0) if c["device"].startswith("cuda") and torch.cuda.is_available() else "CPU"
-    meta = {"config": args.config, **c, "seeds": args.seeds, "device": device, "study_seconds": seconds,
+    meta = {"config": args.config, **c, "tasks": list(table), "seeds": args.seeds, "device": device, "study_seconds": seconds,
             "costs_seconds": costs, "benchmarks": bench}
     atomic_write_json(out / "results.json", {"meta": meta, "results": table})
     lines = [f"Configuration `{args.config}` on {device}: base model {c['model']}, {c['steps']} steps of batch "
