@@ -74,7 +74,7 @@ def resolve_adapter(adapter: str | Path, model: str | None) -> tuple[Path, str, 
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} is neither a pyro-llm run nor a peft adapter folder "
                                 "(no adapter_config.json)")
-    base = model or (run_cfg.model if run_cfg else None)
+    base = model or ((run_cfg.model or get_task(run_cfg.task).default_model) if run_cfg else None)
     if base is None:
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
