@@ -41,8 +41,8 @@ ENCODER_TASKS = ["sst2", "rte", "mrpc", "boolq-cls"]
 OOD_TRAIN, OOD_TESTS = "openbookqa", ["arc-challenge", "arc-easy", "mmlu-college-chemistry", "mmlu-college-physics"]
 CONFIGS: dict[str, dict[str, Any]] = {
     # SmolLM2 on the papers' commonsense tasks, sized to finish well under two hours on 2 CPU cores
-    "cpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=60, batch_size=4, lr=5e-4, train_limit=120,
-                test_limit=50, max_length=160, eval_samples=5, ood_limit=50, device="cpu", dtype="float32"),
+    "cpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=50, batch_size=4, lr=5e-4, train_limit=100,
+                test_limit=40, max_length=160, eval_samples=5, ood_limit=40, device="cpu", dtype="float32"),
     "gpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=500, batch_size=8, lr=5e-4, train_limit=None,
                 test_limit=None, max_length=320, eval_samples=10, ood_limit=None, device="cuda", dtype="bfloat16"),
     # the second testbed: MiniLM with LoRA (q/v) and a trained classifier head, where fine-tuning
