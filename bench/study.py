@@ -162,6 +162,8 @@ def main() -> None:
             labels = predictions(runs / task / f"seed{args.seeds[0]}" / "map", key)[1]
             records.setdefault((key, "ensemble"), []).append(
                 compute_metrics(torch.stack(members).mean(0), labels).as_dict())
+        # partial tables after every task, so an interrupted study still reports what it finished
+        write_results(out, c, args, records, curves, costs, {}, time.perf_counter() - started, quiet=True)
     # the cost benchmarks time the causal-LM path (answer-token head) against plain peft LoRA
     bench = {} if args.skip_bench or c["model"] == "minilm-l6" else cost_benchmarks(c, out)
     write_results(out, c, args, records, curves, costs, bench, time.perf_counter() - started)
@@ -189,7 +191,7 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, curves: dict, costs: dict,
-                  bench: dict[str, Any], seconds: float) -> None:
+                  bench: dict[str, Any], seconds: float, quiet: bool = False) -> None:
     table: dict[str, Any] = {}
     for (key, method), ms in records.items():
         table.setdefault(key, {})[method] = {m: [r[m] for r in ms] for m in ("accuracy", "ece", "nll", "brier")}
@@ -233,7 +235,8 @@ def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, curves
     (out / "results.md").write_text("\n".join(lines))
     for key, methods in curves.items():
         plot_reliability(methods, out / f"reliability_{key.split('/')[0]}.png", title=key)
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
