@@ -116,9 +116,9 @@ class _SiteHooks:
         x = inputs[0].detach()
         mask = self._mask(x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        if self.cfg.mode == "reduce":
+        if self.cfg.mode == "reduce":  # masked mean over positions as one batched product
             lengths = mask.sum(1, keepdim=True).clamp_min(1)
-            rows = (x * mask[..., None]).sum(1) / lengths
+            rows = torch.bmm(mask[:, None, :], x).squeeze(1) / lengths
             self.A.add(rows, rows.shape[0])
         else:
             keep = mask.reshape(-1) > 0
@@ -129,7 +129,7 @@ class _SiteHooks:
     def _backward(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
         g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
         if self.cfg.mode == "reduce":
-            rows = (g * mask[..., None]).sum(1)
+            rows = torch.bmm(mask.to(g.dtype)[:, None, :], g).squeeze(1)
         else:
             rows = g.reshape(-1, g.shape[-1])[mask.reshape(-1) > 0]
         self.S.add(rows, rows.shape[0])
