@@ -7,7 +7,8 @@ site weights at the MAP. Per site and class ``c``, ``J_c`` is the matrix ``G_c =
     (J Sigma J^T)_{cc'} = sum_sites [ <G_c, G_c'>_F / lambda + sum_ij G~_c,ij G~_c',ij (1/(s_i a_j + lambda) - 1/lambda) ]
 
 All classes' gradients come from one batched backward (``is_grads_batched``; a loop over classes
-where an operation does not support it). Predictive probabilities: the probit approximation
+where an operation does not support it); classes masked out of every row of a batch (a fifth letter
+that no question in the batch has) are skipped, their logits being constant. Predictive probabilities: the probit approximation
 ``softmax(mu / sqrt(1 + pi/8 diag Sigma))`` or Monte Carlo over logits, averaging probabilities.
 Covariances are computed for several prior precisions at once (for tuning by validation NLL).
 """
@@ -26,14 +27,16 @@ from ..guides.laplace import LaplaceGuide
 __all__ = ["glm_logit_moments", "probit_probs", "mc_probs"]
 
 
-def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``d logits[:, c] / d output`` for every class ``c``: tensors of shape ``C x output.shape``."""
-    C = logits.shape[1]
-    eye = torch.eye(C, dtype=logits.dtype, device=logits.device)[:, None, :].expand(C, *logits.shape)
+def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: torch.Tensor) -> list[torch.Tensor]:
+    """``d logits[:, c] / d output`` for each class ``c`` in ``classes``: tensors of shape
+    ``len(classes) x output.shape``."""
+    eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)[classes]
+    grad_outputs = eye[:, None, :].expand(len(classes), *logits.shape)
     try:
-        return list(torch.autograd.grad(logits, outputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True))
+        return list(torch.autograd.grad(logits, outputs, grad_outputs=grad_outputs, is_grads_batched=True,
+                                        retain_graph=True))
     except RuntimeError:
-        per_class = [torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=True) for c in range(C)]
+        per_class = [torch.autograd.grad(logits[:, int(c)].sum(), outputs, retain_graph=True) for c in classes]
         return [torch.stack([g[i] for g in per_class]) for i in range(len(outputs))]
 
 
@@ -68,19 +71,24 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
             with torch.enable_grad(), model.use_values(values):
                 logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"],
                                       batch.get("token_type_ids"))
-                grads = _class_grads(logits, [captured[n][1] for n in names])
+                # a class masked out of every row has a constant logit: zero Jacobian, no backward needed
+                active = torch.nonzero(batch["choice_mask"].any(0)).flatten()
+                grads = _class_grads(logits, [captured[n][1] for n in names], active)
             B, C = logits.shape
-            cov = torch.zeros(lams.shape[0], B, C, C, dtype=torch.float64, device=device)
+            Ca = len(active)
+            cov_a = torch.zeros(lams.shape[0], B, Ca, Ca, dtype=torch.float64, device=device)
             for i, (name, g) in enumerate(zip(names, grads)):
                 a = captured[name][0].reshape(B, -1, captured[name][0].shape[-1]).double()
-                g = g.reshape(C, B, -1, g.shape[-1]).double()
+                g = g.reshape(Ca, B, -1, g.shape[-1]).double()
                 G = torch.einsum("cbto,bti->bcoi", g, a)  # per-example Jacobian matrices
                 block = guide.blocks[name]
                 Gt = block.project(G)
                 frob = torch.einsum("bcoi,bdoi->bcd", G, G)
                 w = block.covariance_weights(site_lams[:, i].to(device))  # L x kS x kA
-                cov += frob[None] / site_lams[:, i].to(device)[:, None, None, None]
-                cov += torch.einsum("bcij,bdij,lij->lbcd", Gt, Gt, w)
+                cov_a += frob[None] / site_lams[:, i].to(device)[:, None, None, None]
+                cov_a += torch.einsum("bcij,bdij,lij->lbcd", Gt, Gt, w)
+            cov = torch.zeros(lams.shape[0], B, C, C, dtype=torch.float64, device=device)
+            cov[:, :, active[:, None], active[None, :]] = cov_a
             means.append(logits.detach().double().cpu())
             covs.append(cov.cpu())
     finally:
