@@ -6,7 +6,8 @@ measured in this run: factor-fitting time of both against one forward + backward
 same data, peak memory of each fit in its own process (CPU: peak RSS; CUDA: max allocated), and
 the log evidence each library reports for its posterior at the same prior precision.
 ``bayesian-lora`` keeps only the last position's activations and gradients and needs left-padded
-prompts for that; pyro-llm uses every real token ("reduce"). Its evidence formula is the one its
+prompts for that; pyro-llm uses every real token ("reduce"). Both forward passes apply the output
+layer to the last position only. Its evidence formula is the one its
 issue #4 questions; both are printed side by side without reconciling them.
 
     python bench/bench_vs_bayesian_lora.py --out bench/results/vs_bayesian_lora_cpu.json
@@ -53,8 +54,11 @@ def theirs(peft, head, left, device):
     ids = head.token_ids.to(device)
 
     def forward_call(model, batch):
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return out.logits[:, -1, ids].float()
+        # the same work as pyro-llm's head: the output layer on the last (left-padded) position only
+        base = model.get_base_model()
+        hidden = getattr(base, base.base_model_prefix)(input_ids=batch["input_ids"].to(device),
+                                                       attention_mask=batch["attention_mask"].to(device))
+        return base.get_output_embeddings()(hidden.last_hidden_state[:, -1])[:, ids].float()
 
     return calculate_kronecker_factors(peft, forward_call, left, n_kfac=10, lr_threshold=512,
                                        target_module_keywords=["lora"])
@@ -65,7 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     device, peft, head, task, data, left = setup(args)
     # bayesian-lora hooks nn.Linear modules named *lora*: it gets an untouched copy of the same adapter
-    peft_plain_forward = copy.deepcopy(peft)
+    # (not made in the per-process memory runs, where each process holds one model)
+    peft_plain_forward = peft if args.memory_of else copy.deepcopy(peft)
     their_fit = lambda: theirs(peft_plain_forward, head, left, device)  # noqa: E731
     if args.memory_of == "theirs":
         print(f"PEAK {peak_memory(their_fit, device)}")
