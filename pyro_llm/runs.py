@@ -218,7 +218,7 @@ def _retarget_head(run: LoadedRun, task: TaskSpec) -> None:
 
 
 def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
-                    limit: int | None = None, progress: bool = True, predictor: Any = None,
+                    limit: int | None = None, progress: bool = True,
                     label: str | None = None) -> tuple[Metrics, torch.Tensor]:
     """Evaluate a loaded run on ``task``/``split``; records metrics and the reliability diagram."""
     cfg = run.config
@@ -227,9 +227,7 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
     n = cfg.eval_samples if samples is None else samples
     if cfg.guide == "map" and not cfg.lora_dropout:
         n = 0  # a point mass: every sample is the same network
-    if predictor is not None:
-        probs = predictor(data)
-    elif cfg.guide == "map" and cfg.lora_dropout and n > 0:  # MC dropout on the LoRA input
+    if cfg.guide == "map" and cfg.lora_dropout and n > 0:  # MC dropout on the LoRA input
         with lora_dropout_active(run.model):
             probs = predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
                                   max_rows=cfg.max_rows, progress=progress, desc=f"mc-dropout {task.name}",

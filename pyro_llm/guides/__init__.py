@@ -2,6 +2,6 @@
 
 from .blob import BLoBGuide
 from .laplace import KroneckerNormal, LaplaceGuide
-from .factory import GUIDES, guide_median, guide_sample, make_guide, param_names_of
+from .factory import GUIDES, guide_median, guide_sample, make_guide
 
-__all__ = ["BLoBGuide", "KroneckerNormal", "LaplaceGuide", "GUIDES", "guide_median", "guide_sample", "make_guide", "param_names_of"]
+__all__ = ["BLoBGuide", "KroneckerNormal", "LaplaceGuide", "GUIDES", "guide_median", "guide_sample", "make_guide"]

@@ -50,12 +50,3 @@ def guide_sample(guide: Any, batch: dict[str, torch.Tensor], sites: list[str]) -
         trace = poutine.trace(guide).get_trace(**batch)
     return {name: trace.nodes[name]["value"].detach() for name in sites}
 
-
-def param_names_of(fn: Callable[..., Any], batch: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the ``pyro.param`` s that ``fn`` (a model or guide) touches."""
-    with poutine.trace(param_only=True) as tr:
-        fn(**batch)
-    return sorted(tr.trace.nodes)
-
-
-__all__ += ["param_names_of"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -224,9 +224,3 @@ class SVITrainer:
                 save_checkpoint(self.run_dir, self.param_names, self.optim_state(), done, self.history)
         return self.history
 
-
-def config_dict(cfg: OptimConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-__all__ += ["config_dict"]
