@@ -218,8 +218,7 @@ def _retarget_head(run: LoadedRun, task: TaskSpec) -> None:
 
 
 def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
-                    limit: int | None = None, progress: bool = True,
-                    label: str | None = None) -> tuple[Metrics, torch.Tensor]:
+                    limit: int | None = None, progress: bool = True) -> tuple[Metrics, torch.Tensor]:
     """Evaluate a loaded run on ``task``/``split``; records metrics and the reliability diagram."""
     cfg = run.config
     _retarget_head(run, task)
@@ -236,7 +235,7 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
         probs = predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
                               max_rows=cfg.max_rows, progress=progress, desc=f"eval {task.name}")
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.ece_bins)
-    key = label or f"{task.name}/{split}"
+    key = f"{task.name}/{split}"
     record_metrics(run.run_dir, key, metrics, probs, data.labels, {"samples": n})
     return metrics, probs
 
