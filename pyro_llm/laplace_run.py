@@ -26,13 +26,13 @@ import torch
 from .config import RunConfig
 from .curvature import KFACConfig
 from .data import TaskSpec, get_task
-from .evaluation import compute_metrics, predict_proba
+from .evaluation import predict_proba
 from .evaluation.glm import glm_logit_moments, mc_probs, probit_probs
 from .guides import LaplaceGuide
 from .infer.laplace import fit_laplace
 from .io import atomic_write_json
 from .models import build_model, lora_options_from_adapter, resolve_device
-from .runs import _retarget_head, load_split, prepare_run_dir, read_config, record_metrics
+from .runs import load_split, prepare_run_dir, read_config, score
 
 __all__ = ["LaplaceConfig", "LaplaceRun", "laplace", "load_laplace_run", "resolve_adapter"]
 
@@ -107,15 +107,10 @@ class LaplaceRun:
 
     def evaluate(self, task: TaskSpec, *, split: str = "test", limit: int | None = None, progress: bool = True,
                  predictive: str | None = None, samples: int | None = None):
-        _retarget_head(self, task)  # type: ignore[arg-type]
-        data = load_split(self.config, task, split, self.tokenizer, limit if limit is not None else self.config.test_limit)
         kind = predictive or self.lconfig.predictive
-        probs = self.predict(data, kind, samples, progress)
-        metrics = compute_metrics(probs, data.labels, n_bins=self.config.ece_bins)
-        record_metrics(self.run_dir, f"{task.name}/{split}" + ("" if kind == self.lconfig.predictive else f"/{kind}"),
-                       metrics, probs, data.labels, {"predictive": kind})
+        metrics, _ = score(self, task, split, limit, lambda data: self.predict(data, kind, samples, progress),
+                           "" if kind == self.lconfig.predictive else f"/{kind}", {"predictive": kind})
         return metrics
-
 
 def _build(cfg: RunConfig, lcfg: LaplaceConfig, task: TaskSpec, adapter_dir: Path, base: str, cache: str | None,
            dataset_size: int | None):

@@ -217,27 +217,36 @@ def _retarget_head(run: LoadedRun, task: TaskSpec) -> None:
     run.model.head = AnswerTokenHead(answer_token_ids(run.tokenizer, answer_strings(task.num_classes)))
 
 
-def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
-                    limit: int | None = None, progress: bool = True) -> tuple[Metrics, torch.Tensor]:
-    """Evaluate a loaded run on ``task``/``split``; records metrics and the reliability diagram."""
+def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any, suffix: str = "",
+          extra: dict[str, Any] | None = None) -> tuple[Metrics, torch.Tensor]:
+    """The evaluation every run kind shares: point the head at ``task``, read ``split``, predict
+    with ``predict(data) -> probs``, then record metrics, predictions and the reliability diagram
+    under ``<task>/<split><suffix>``."""
     cfg = run.config
     _retarget_head(run, task)
     data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.test_limit)
-    n = cfg.eval_samples if samples is None else samples
-    if cfg.guide == "map" and not cfg.lora_dropout:
-        n = 0  # a point mass: every sample is the same network
-    if cfg.guide == "map" and cfg.lora_dropout and n > 0:  # MC dropout on the LoRA input
-        with lora_dropout_active(run.model):
-            probs = predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
-                                  max_rows=cfg.max_rows, progress=progress, desc=f"mc-dropout {task.name}",
-                                  resample_guide=False)
-    else:
-        probs = predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
-                              max_rows=cfg.max_rows, progress=progress, desc=f"eval {task.name}")
+    probs = predict(data)
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.ece_bins)
-    key = f"{task.name}/{split}"
-    record_metrics(run.run_dir, key, metrics, probs, data.labels, {"samples": n})
+    record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels, extra)
     return metrics, probs
+
+
+def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
+                    limit: int | None = None, progress: bool = True) -> tuple[Metrics, torch.Tensor]:
+    """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive."""
+    cfg = run.config
+    n = cfg.eval_samples if samples is None else samples
+    mc_dropout = cfg.guide == "map" and cfg.lora_dropout > 0 and n > 0  # MC dropout on the LoRA input
+    if cfg.guide == "map" and not mc_dropout:
+        n = 0  # a point mass: every sample is the same network
+
+    def predict(data: EncodedDataset) -> torch.Tensor:
+        with lora_dropout_active(run.model, enabled=mc_dropout):
+            return predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
+                                 max_rows=cfg.max_rows, progress=progress, desc=f"eval {task.name}",
+                                 resample_guide=not mc_dropout)
+
+    return score(run, task, split, limit, predict, extra={"samples": n})
 
 
 def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
