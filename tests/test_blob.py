@@ -15,7 +15,7 @@ from torch.distributions import kl_divergence
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import BlobKLReweighting, LinearKLAnnealing, OptimConfig, SVITrainer
 from pyro_llm.models import lora_product
-from pyro_llm.poutine import flipout, flipout_product, kl_weight
+from pyro_llm.poutine import flipout, flipout_product, kl_weight, rademacher
 from pyro_llm.priors import LaplacePrior, StudentTPrior
 
 
@@ -106,6 +106,37 @@ def test_flipout_row_marginals_match_plain_sampling():
     # identical rows share one perturbation without Flipout, and are decorrelated with it
     assert torch.corrcoef(plain[:, :, 0].T)[0, 1] > 0.999
     assert abs(torch.corrcoef(flip[:, :, 0].T)[0, 1]) < 0.05
+
+
+def test_rademacher_signs_are_fair_and_independent():
+    torch.manual_seed(0)
+    s = rademacher((50, 333), torch.empty(0))  # odd size: the unpacked bytes are cut to shape
+    assert s.shape == (50, 333) and set(s.unique().tolist()) == {-1.0, 1.0}
+    flat = s.reshape(-1)
+    n = flat.numel()
+    assert stats.binomtest(int((flat > 0).sum()), n).pvalue > 1e-3
+    # neighbouring bits of one byte and of consecutive bytes are uncorrelated
+    for lag in (1, 7, 8, 9):
+        r = float((flat[:-lag] * flat[lag:]).mean())
+        assert abs(r) < 4 / math.sqrt(n)
+
+
+def test_shared_input_signs_keep_sites_independent():
+    """Two sites fed the same tensor share s_in; their perturbations stay uncorrelated N(0, .)."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 6)
+    loc = torch.zeros(2, 6)
+    sigma = torch.full((2, 6), 0.5)
+    n = 20000
+    pairs = torch.empty(n, 2)
+    for i in range(n):
+        s_in = rademacher(x.shape, x)
+        pairs[i, 0] = flipout_product(x, loc, sigma * torch.randn(2, 6), s_in)[0, 0]
+        pairs[i, 1] = flipout_product(x, loc, sigma * torch.randn(2, 6), s_in)[0, 0]
+    var = float((x[0] ** 2 * 0.25).sum())
+    assert abs(float(torch.corrcoef(pairs.T)[0, 1])) < 0.03
+    for k in range(2):
+        assert stats.kstest((pairs[:, k] / math.sqrt(var)).numpy(), "norm").pvalue > 1e-3
 
 
 def test_flipout_handler_intercepts_only_guided_normal_sites(arc_model):

@@ -66,7 +66,7 @@ def _common_model_options(fn: Any) -> Any:
 @click.option("--steps", default=200)
 @click.option("--batch-size", default=4)
 @click.option("--lr", default=1e-4, help="AdamW learning rate of means and B.")
-@click.option("--g-lr", default=1e-2, help="Learning rate of BLoB's G.")
+@click.option("--g-lr", default=1e-1, help="Learning rate of BLoB's G (the blob preset: 0.01 with its tempered KL).")
 @click.option("--g-optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]))
 @click.option("--warmup-ratio", default=0.06)
 @click.option("--decay", default="linear", type=click.Choice(["linear", "constant"]))

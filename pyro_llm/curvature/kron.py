@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .eig import top_eigenpairs
+
 __all__ = ["EigenFactor", "KronBlock"]
 
 
@@ -41,11 +43,9 @@ class EigenFactor:
     @classmethod
     def from_matrix(cls, mat: torch.Tensor, rank: int | None = None) -> "EigenFactor":
         """Top-``rank`` eigenpairs of a symmetric PSD matrix (negative round-off clipped to 0)."""
-        vals, vecs = torch.linalg.eigh(mat.double())
-        vals = vals.clamp_min(0.0).flip(0)
-        vecs = vecs.flip(1)
         k = mat.shape[0] if rank is None else min(rank, mat.shape[0])
-        return cls(vals[:k].contiguous(), vecs[:, :k].contiguous())
+        vals, vecs = top_eigenpairs(mat.double(), k)
+        return cls(vals.clamp_min(0.0).contiguous(), vecs.contiguous())
 
 
 @dataclass
