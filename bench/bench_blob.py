@@ -1,6 +1,6 @@
 """BLoB's cost against plain peft LoRA, measured in one run.
 
-* training step: BLoB (BLoBGuide + Flipout + TraceMeanField_ELBO + AdamW/SGD) against a plain peft
+* training step: BLoB (BLoBGuide + Flipout + MeanFieldELBO + AdamW/SGD, SVITrainer.step) against a plain peft
   LoRA step (cross-entropy on the answer logits + AdamW) on the same model, batch and LoRA config;
   targets: time <= 1.05x, peak memory <= 1.05x;
 * evaluation: N = 10 samples (batched) against one deterministic pass over the same examples;
@@ -15,12 +15,12 @@ from __future__ import annotations
 import pyro
 import torch
 from peft import LoraConfig, get_peft_model
-from pyro.infer import TraceMeanField_ELBO
 
 from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, load_base,
                     peak_memory, report, subprocess_peak)
 from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide
+from pyro_llm.infer import MeanFieldELBO, OptimConfig, SVITrainer
 from pyro_llm.poutine import flipout
 
 
@@ -38,20 +38,15 @@ def main() -> None:
     # BLoB on the peft model: its A modules become sites
     model = BayesianLoRAModel(peft, head, dataset_size=len(data))
     guide = BLoBGuide(model)
-    elbo = TraceMeanField_ELBO()
-    with flipout():
-        elbo.differentiable_loss(model, guide, **batch)
-    store = dict(pyro.get_param_store().named_parameters())
-    main_opt = torch.optim.AdamW([p for n, p in store.items() if not n.endswith(".G")], lr=1e-4, eps=1e-6)
-    g_opt = torch.optim.SGD([p for n, p in store.items() if n.endswith(".G")], lr=1e-2)
+    elbo = MeanFieldELBO()
+    # the library's own training step (validation on the set-up pass only, Flipout, AdamW + SGD on G)
+    trainer = SVITrainer(model, guide, OptimConfig(steps=10 ** 6, lr=1e-4, g_lr=1e-2), elbo=elbo, progress=False)
+    counter = iter(range(10 ** 9))
 
     def blob_step() -> None:
-        with flipout():
-            loss = elbo.differentiable_loss(model, guide, **batch) / len(data)
-        loss.backward()
-        for o in (main_opt, g_opt):
-            o.step()
-            o.zero_grad(set_to_none=True)
+        trainer.step(batch, next(counter))
+
+    blob_step()  # creates the guide's parameters and B before the plain optimiser takes B
 
     # plain peft LoRA on the same modules: A and B trainable, cross-entropy, AdamW. Outside any
     # Pyro handler the site module's product is a plain F.linear, as peft's nn.Linear.

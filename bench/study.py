@@ -42,7 +42,7 @@ OOD_TRAIN, OOD_TESTS = "openbookqa", ["arc-challenge", "arc-easy", "mmlu-college
 CONFIGS: dict[str, dict[str, Any]] = {
     # SmolLM2 on the papers' commonsense tasks, sized to finish well under two hours on 2 CPU cores
     # (5 epochs over the training subset: like the papers' MAP, long enough to become over-confident)
-    "cpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=60, batch_size=4, lr=1e-3, train_limit=48,
+    "cpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=40, batch_size=4, lr=1e-3, train_limit=32,
                 test_limit=40, max_length=160, eval_samples=5, ood_limit=40, device="cpu", dtype="float32"),
     "gpu": dict(model="smollm2-135m", tasks=IN_DIST, ood=True, steps=500, batch_size=8, lr=5e-4, train_limit=None,
                 test_limit=None, max_length=320, eval_samples=10, ood_limit=None, device="cuda", dtype="bfloat16"),
