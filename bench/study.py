@@ -120,6 +120,7 @@ def main() -> None:
     for task in train_tasks:
         evals = [task] + (OOD_TESTS if c["ood"] and task == OOD_TRAIN else [])
         ensemble: dict[str, list[torch.Tensor]] = {}
+        ens_keys: dict[str, str] = {}  # table row -> predictions key
         for seed in args.seeds:
             base = runs / task / f"seed{seed}"
 
@@ -146,23 +147,27 @@ def main() -> None:
             ts = temperature_scaled(dirs["map"], evals, c["test_limit"], c["ood_limit"])
             for name in evals:
                 key = f"{name}/test"
+                # out-of-distribution rows are named by the training task too: ARC-Easy is both an
+                # in-distribution task and an OOD test of the OpenBookQA runs
+                row = key if name == task else f"{task} → {key}"
+                ens_keys[row] = key
                 for method, d in dirs.items():
                     probs, labels = predictions(d, key)
-                    records.setdefault((key, method), []).append(compute_metrics(probs, labels).as_dict())
+                    records.setdefault((row, method), []).append(compute_metrics(probs, labels).as_dict())
                     if seed == args.seeds[0] and method in PLOTTED and name == task:
                         curves.setdefault(key, {})[method] = (probs, labels)
                     if method == "map":
-                        ensemble.setdefault(key, []).append(probs)
+                        ensemble.setdefault(row, []).append(probs)
                 probs, labels = ts["predictions"][key]
-                records.setdefault((key, "temperature"), []).append(compute_metrics(probs, labels).as_dict())
+                records.setdefault((row, "temperature"), []).append(compute_metrics(probs, labels).as_dict())
             hist = json.loads((dirs["map"] / "history.json").read_text())
             costs["map_step_s"].append(statistics.median(h["seconds"] for h in hist))
             hist = json.loads((dirs["blob"] / "history.json").read_text())
             costs["blob_step_s"].append(statistics.median(h["seconds"] for h in hist))
             costs["laplace_fit_s"].append(json.loads((la / "laplace" / "fit.json").read_text())["fit_seconds"])
-        for key, members in ensemble.items():
-            labels = predictions(runs / task / f"seed{args.seeds[0]}" / "map", key)[1]
-            records.setdefault((key, "ensemble"), []).append(
+        for row, members in ensemble.items():
+            labels = predictions(runs / task / f"seed{args.seeds[0]}" / "map", ens_keys[row])[1]
+            records.setdefault((row, "ensemble"), []).append(
                 compute_metrics(torch.stack(members).mean(0), labels).as_dict())
         # partial tables after every task, so an interrupted study still reports what it finished
         write_results(out, c, args, records, curves, costs, {}, time.perf_counter() - started, quiet=True)
