@@ -46,8 +46,6 @@ LR_THRESHOLD = 100  # below d = 192 (v_proj's B) and above r = 8: every pair is 
 
 def left_padded(tok, task, split: str, n: int, batch_size: int) -> list:
     """bayesian-lora reads position -1: left-padded batches of the same prompts."""
-    from pyro_llm.data import load_examples
-
     side, tok.padding_side = tok.padding_side, "left"
     texts = [e.text for e in load_examples(task, split, limit=n)]
     out = [tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256)
@@ -110,7 +108,7 @@ def their_predictive(peft, head, factors, test_left, s2: float, device) -> tuple
 
 
 def rss_rise(fn) -> float:
-    """How far ``fn`` raises this process's peak RSS above its peak so far (CPU), or its CUDA peak."""
+    """How far ``fn`` raises this process's peak RSS above its peak so far (CPU only)."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

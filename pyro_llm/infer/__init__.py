@@ -8,7 +8,6 @@ from .svi import NonFiniteLossError, OptimConfig, SVITrainer, make_elbo
 
 __all__ = [
     "BlobKLReweighting", "ConstantKL", "KLSchedule", "LinearKLAnnealing", "MeanFieldELBO", "NonFiniteLossError",
-    "OptimConfig",
-    "SVITrainer", "find_checkpoint", "load_checkpoint", "load_params", "make_elbo",
+    "OptimConfig", "SVITrainer", "find_checkpoint", "load_checkpoint", "load_params", "make_elbo",
     "make_kl_schedule", "save_checkpoint", "save_params", "warmup_decay",
 ]

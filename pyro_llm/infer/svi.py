@@ -28,8 +28,6 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from torch import distributed as dist
-
-from .elbo import MeanFieldELBO
 from tqdm.auto import tqdm
 
 from ..data.collate import EncodedDataset
@@ -37,6 +35,7 @@ from ..models.model import BayesianLoRAModel
 from ..poutine import flipout, kl_weight
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .schedules import KLSchedule, ConstantKL, warmup_decay
+from .elbo import MeanFieldELBO
 
 __all__ = ["NonFiniteLossError", "OptimConfig", "SVITrainer", "make_elbo"]
 
