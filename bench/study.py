@@ -33,7 +33,7 @@ from pyro_llm.guides import guide_median  # noqa: E402
 from pyro_llm.infer import OptimConfig  # noqa: E402
 from pyro_llm.io import atomic_write_json, load_tensors  # noqa: E402
 from pyro_llm.laplace_run import LaplaceConfig, laplace  # noqa: E402
-from pyro_llm.runs import _retarget_head, evaluate, load_run, load_split, train  # noqa: E402
+from pyro_llm.runs import retarget_head, evaluate, load_run, load_split, train  # noqa: E402
 from pyro_llm.data import get_task  # noqa: E402
 
 IN_DIST = ["arc-easy", "openbookqa", "boolq", "winogrande"]
@@ -56,6 +56,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(model=None, tasks=IN_DIST, ood=True, steps=3, batch_size=4, lr=1e-2, train_limit=16, test_limit=8,
                  max_length=64, eval_samples=2, ood_limit=6, device="cpu", dtype="float32"),
 }
+#: the fewest validation examples temperature scaling is fitted on in limited configurations
+VALIDATION_MIN = 200
 METHODS = ["map", "temperature", "mc-dropout", "ensemble", "blob", "laplace"]
 PLOTTED = ["map", "blob", "laplace"]
 
@@ -74,15 +76,18 @@ def predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def temperature_scaled(map_dir: Path, eval_tasks: list[str], limit: int | None, ood_limit: int | None
                        ) -> dict[str, Any]:
-    """Fit T on the MAP's validation logits of its own task; apply to each evaluation task."""
+    """Fit T on the MAP's validation logits of its own task (a seeded subset of at least
+    ``VALIDATION_MIN`` examples when the test set is limited: the whole BoolQ validation split
+    takes minutes per run on a CPU); apply to each evaluation task."""
     run = load_run(map_dir)
-    val = load_split(run.config, run.task, "validation", run.tokenizer, None)
+    val_limit = None if limit is None else max(limit, VALIDATION_MIN)
+    val = load_split(run.config, run.task, "validation", run.tokenizer, val_limit)
     values = guide_median(run.guide, val.batch(torch.arange(1), run.model.device))
     T = fit_temperature(mean_logits(run.model, values, val), val.labels)
     out = {}
     for name in eval_tasks:
         spec = get_task(name)
-        _retarget_head(run, spec)
+        retarget_head(run, spec)
         test = load_split(run.config, spec, "test", run.tokenizer, limit if name == run.task.name else ood_limit)
         probs = apply_temperature(mean_logits(run.model, values, test), T)
         out[f"{name}/test"] = (probs, test.labels)

@@ -40,16 +40,23 @@ class IIDPrior:
         if base.event_shape != torch.Size():
             raise ValueError(f"IIDPrior needs a scalar distribution, got event shape {tuple(base.event_shape)}")
         self.base = base
+        self._cache: dict[tuple[torch.device, torch.Size], dist.TorchDistribution] = {}
 
     def _params(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self.base, k) for k in self.base.arg_constraints if hasattr(self.base, k)}
 
     def prior_dist(self, name: str, module: nn.Module, shape: torch.Size) -> dist.TorchDistribution:
+        # built once per (device, shape) and reused: the model asks for every site's prior at
+        # every step, and distributions are immutable
         ref = next(iter(module.parameters()), None)
         device = ref.device if ref is not None else torch.device("cpu")
-        params = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in self._params().items()}
-        base = type(self.base)(**params)
-        return base.expand(shape).to_event(len(shape))
+        key = (device, torch.Size(shape))
+        cached = self._cache.get(key)
+        if cached is None:
+            params = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in self._params().items()}
+            cached = type(self.base)(**params).expand(shape).to_event(len(shape))
+            self._cache[key] = cached
+        return cached
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={float(v):g}" for k, v in self._params().items() if torch.as_tensor(v).numel() == 1)

@@ -41,7 +41,7 @@ from .models import AnswerTokenHead, BayesianLoRAModel, LoRAOptions, answer_toke
 from .priors import prior_from_name
 
 __all__ = ["RunDirExistsError", "LoadedRun", "prepare_run_dir", "train", "load_run", "evaluate", "record_metrics",
-           "zero_shot"]
+           "zero_shot", "retarget_head", "load_split"]
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,9 @@ def load_run(run_dir: str | Path, *, device: str | None = None, cache: str | Non
     return LoadedRun(model, guide, tok, cfg, task, run_dir)
 
 
-def _retarget_head(run: LoadedRun, task: TaskSpec) -> None:
+def retarget_head(run: LoadedRun, task: TaskSpec) -> None:
+    """Point a loaded run's head at ``task`` (out-of-distribution evaluation): the answer-token
+    head of a causal LM takes the task's number of letters; a classifier must match its classes."""
     if (task.kind == CLASSIFICATION) != (run.task.kind == CLASSIFICATION):
         raise ValueError(f"run {run.run_dir} was trained on a {run.task.kind} task; {task.name} is {task.kind}")
     if task.kind == CLASSIFICATION:
@@ -223,7 +225,7 @@ def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any,
     with ``predict(data) -> probs``, then record metrics, predictions and the reliability diagram
     under ``<task>/<split><suffix>``."""
     cfg = run.config
-    _retarget_head(run, task)
+    retarget_head(run, task)
     data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.test_limit)
     probs = predict(data)
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.ece_bins)

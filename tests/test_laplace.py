@@ -93,6 +93,43 @@ def test_full_rank_low_rank_and_streamed_factors_agree(laplace_model):
         torch.testing.assert_close(big.eigvals, big_full.eigvals[:4], rtol=1e-6, atol=1e-8)
 
 
+def test_sites_fed_one_input_share_its_factor_exactly(laplace_model):
+    """q_proj's and v_proj's A read the same hidden states: one input factor, equal to the ones
+    fitted separately; a model that stops sharing after the first batch gets separate factors."""
+    from pyro_llm.curvature import kfac as kfac_module
+
+    model, data = laplace_model
+    cfg = KFACConfig(n_kfac=3)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    shared = fit_kfac(model, data, cfg, progress=False, generator=gen())
+    separate = kfac_module._fit(model, data, cfg, None, False, gen(), share=False)
+    q, v = (n for n in model.site_names if n.endswith("layers.0.self_attn.q_proj.lora_A")
+            or n.endswith("layers.0.self_attn.v_proj.lora_A"))
+    torch.testing.assert_close(shared.factors[q][1].eigvecs, shared.factors[v][1].eigvecs)
+    assert shared.factors[q][1].eigvecs.data_ptr() != shared.factors[v][1].eigvecs.data_ptr()
+    for name in model.site_names:
+        for a, b in zip(shared.factors[name], separate.factors[name]):
+            torch.testing.assert_close(a.to_matrix(), b.to_matrix(), rtol=1e-6, atol=1e-10)
+
+    calls = {}
+
+    def copy_input_after_first_batch(module, args):
+        calls[module] = calls.get(module, 0) + 1
+        return (args[0].clone(),) + args[1:] if calls[module] > 1 else None
+
+    layers = [m for n, m in model.peft_model.named_modules() if n.endswith("v_proj") and hasattr(m, "lora_A")]
+    handles = [m.register_forward_pre_hook(copy_input_after_first_batch) for m in layers]
+    try:
+        rerouted = fit_kfac(model, data, cfg, progress=False, generator=gen())
+    finally:
+        for h in handles:
+            h.remove()
+    assert max(calls.values()) > 3  # the fit started again after the first batch of the shared one
+    for name in model.site_names:
+        for a, b in zip(rerouted.factors[name], separate.factors[name]):
+            torch.testing.assert_close(a.to_matrix(), b.to_matrix(), rtol=1e-6, atol=1e-10)
+
+
 def test_structured_posterior_equals_dense(laplace_model):
     model, data = laplace_model
     fit = fit_laplace(model, data, KFACConfig(n_kfac=3), prior_precision=0.7, progress=False)

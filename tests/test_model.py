@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft import PeftModel
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.poutine.util import site_is_subsample
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from pyro_llm.models import LoRASite, lora_product
@@ -130,6 +131,30 @@ def test_encoder_classification_model(tiny_bert):
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     losses = [svi.step(**data.batch(torch.arange(16))) for _ in range(15)]
     assert losses[-1] < losses[0]
+
+
+def test_decoder_classifier_on_a_classification_task(tiny_llama):
+    """A causal LM checkpoint on a classification task: LoRA goes on its own q/v projections and
+    the new score head reads each example's last real token, whatever the padding."""
+    from pyro_llm.data import encode_examples, get_task, load_examples
+    from pyro_llm.models import build_model, default_targets
+
+    task = get_task("sst2")
+    ex = load_examples(task, "train", limit=6)
+    model, tok = build_model(str(tiny_llama), task, dataset_size=len(ex))
+    assert model.site_names[0].endswith("self_attn.q_proj.lora_A")
+    assert any(".score." in n for n in model.params)
+    data = encode_examples(ex, tok, 2)
+    batch = data.batch(torch.arange(6))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # some rows are padded
+    padded = model.logits(batch["input_ids"], batch["attention_mask"])
+    for i in range(6):
+        n = int(lengths[i])
+        alone = model.logits(batch["input_ids"][i:i + 1, :n], batch["attention_mask"][i:i + 1, :n])
+        torch.testing.assert_close(padded[i], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no query/value projections"):
+        default_targets(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_prior_is_swappable_per_site(arc_model):

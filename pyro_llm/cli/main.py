@@ -73,7 +73,7 @@ def _common_model_options(fn: Any) -> Any:
 @click.option("--weight-decay", default=0.0, help="AdamW decoupled weight decay (the prior already regularises).")
 @click.option("--rank", default=8)
 @click.option("--alpha", default=16.0)
-@click.option("--targets", default=None, help="Comma-separated LoRA target modules (default q_proj,v_proj).")
+@click.option("--targets", default=None, help="Comma-separated LoRA target modules (default: the model's query and value projections).")
 @click.option("--prior", default="gaussian", type=click.Choice(["gaussian", "laplace", "student-t"]))
 @click.option("--prior-scale", default=0.2, help="Prior std (Gaussian) or scale.")
 @click.option("--b-site/--b-param", default=False, help="Make B a sample site too (default: a parameter).")

@@ -15,6 +15,12 @@ The factor of dimension at most ``dense_threshold`` is accumulated densely in fl
 eigendecomposed at the end; a larger one is streamed as a rank-``n_kfac`` eigenbasis updated by a
 thin SVD per batch, so no ``d x d`` matrix is formed. The larger factor of each pair is kept at
 rank ``n_kfac`` (the smaller in full), as in Laplace-LoRA.
+
+Sites fed the very same input tensor (the ``A`` matrices of ``q_proj`` and ``v_proj``, which both
+read a layer's hidden states) have the very same input factor: it is accumulated and
+eigendecomposed once and handed to each of them. The sharing found on the first batch is checked
+on every later one; should a model route inputs differently from batch to batch, the fit starts
+again without sharing, so the factors never depend on it.
 """
 
 from __future__ import annotations
@@ -49,12 +55,17 @@ class KFACConfig:
             raise ValueError(f"n_kfac must be >= 1, got {self.n_kfac}")
 
 
+class _SharingChanged(RuntimeError):
+    """Sites that shared an input on the first batch no longer do."""
+
+
 class FactorAccumulator:
     """Running ``sum x x^T`` of row vectors, dense or as a streamed rank-``rank`` eigenbasis."""
 
     def __init__(self, dim: int, rank: int, dense: bool, device: torch.device) -> None:
         self.dim, self.rank, self.dense = dim, min(rank, dim), dense
         self.count = 0
+        self._results: dict[tuple[float, int | None], EigenFactor] = {}
         self.mat = torch.zeros(dim, dim, dtype=torch.float64, device=device) if dense else None
         self.basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)  # columns U with U U^T ~ sum
 
@@ -73,7 +84,17 @@ class FactorAccumulator:
         k = min(self.rank, sv.shape[0])
         self.basis = U[:, :k] * sv[:k]
 
+    def same_kind(self, other: "FactorAccumulator") -> bool:
+        return (self.dim, self.rank, self.dense) == (other.dim, other.rank, other.dense)
+
     def result(self, scale: float, rank: int | None) -> EigenFactor:
+        """The eigen-factor of ``scale * sum x x^T`` (computed once per ``(scale, rank)``)."""
+        key = (scale, rank)
+        if key not in self._results:
+            self._results[key] = self._result(scale, rank)
+        return self._results[key]
+
+    def _result(self, scale: float, rank: int | None) -> EigenFactor:
         if self.dense:
             return EigenFactor.from_matrix(self.mat * scale, rank or self.rank)
         if self.basis.shape[1] == 0:
@@ -102,7 +123,8 @@ class _SiteHooks:
         self.S = FactorAccumulator(d_out, cfg.n_kfac if big_out else d_out, d_out <= cfg.dense_threshold, dev)
         self.A = FactorAccumulator(d_in, d_in if big_out else cfg.n_kfac, d_in <= cfg.dense_threshold, dev)
         self.handle = module.register_forward_hook(self._forward)
-        self._input: torch.Tensor | None = None
+        self.partner: _SiteHooks | None = None  # the earlier site fed the same input (first batch)
+        self.owner: _SiteHooks | None = None  # the site whose input factor this one shares
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.state["mask"]
@@ -113,18 +135,35 @@ class _SiteHooks:
     def _forward(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
             return
-        x = inputs[0].detach()
+        x = inputs[0]
         mask = self._mask(x)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        output.register_hook(lambda g, m=mask: self._backward(g, m))
+        if self._shares_input(x):
+            return
+        x = x.detach().reshape(x.shape[0], -1, x.shape[-1])
         if self.cfg.mode == "reduce":  # masked mean over positions as one batched product
             lengths = mask.sum(1, keepdim=True).clamp_min(1)
             rows = torch.bmm(mask[:, None, :], x).squeeze(1) / lengths
-            self.A.add(rows, rows.shape[0])
         else:
-            keep = mask.reshape(-1) > 0
-            rows = x.reshape(-1, x.shape[-1])[keep]
-            self.A.add(rows, rows.shape[0])
-        output.register_hook(lambda g, m=mask: self._backward(g, m))
+            rows = x.reshape(-1, x.shape[-1])[mask.reshape(-1) > 0]
+        self.A.add(rows, rows.shape[0])
+
+    def _shares_input(self, x: torch.Tensor) -> bool:
+        """Whether another site already took ``x`` into the input factor this one shares."""
+        if not self.state["share"]:
+            return False
+        seen: list[tuple[torch.Tensor, _SiteHooks]] = self.state["inputs"]
+        first = next((h for t, h in seen if t is x), None)
+        if self.state["first_batch"]:
+            self.partner = first
+            if first is not None and first.A.same_kind(self.A):
+                self.owner, self.A = first, first.A
+        elif first is not self.partner:
+            raise _SharingChanged(self.name)
+        if self.owner is not None:
+            return True
+        seen.append((x, self))
+        return False
 
     def _backward(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
         g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
@@ -136,7 +175,10 @@ class _SiteHooks:
 
     def result(self) -> tuple[EigenFactor, EigenFactor]:
         # S is a sum over examples/tokens, A a mean (see the module docstring)
-        return self.S.result(1.0, None), self.A.result(1.0 / max(self.A.count, 1), None)
+        A = self.A.result(1.0 / max(self.A.count, 1), None)
+        if self.owner is not None:  # its own tensors: saved factors never share memory
+            A = EigenFactor(A.eigvals.clone(), A.eigvecs.clone())
+        return self.S.result(1.0, None), A
 
 
 def fit_kfac(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig = KFACConfig(), *,
@@ -145,14 +187,32 @@ def fit_kfac(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig 
     """K-FAC factors of every site of ``model`` at ``values`` (default: the sites' point values,
     i.e. the MAP adapter), over all of ``data``."""
     device = model.device
+    rng = generator.get_state() if generator is not None else torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if generator is None and device.type == "cuda" else None
+    try:
+        return _fit(model, data, config, values, progress, generator, share=True)
+    except _SharingChanged:  # start again, with the same random labels, without sharing
+        if generator is not None:
+            generator.set_state(rng)
+        else:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, device)
+        return _fit(model, data, config, values, progress, generator, share=False)
+
+
+def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, values: dict[str, torch.Tensor] | None,
+         progress: bool, generator: torch.Generator | None, share: bool) -> KFACFactors:
+    device = model.device
     values = values if values is not None else model.point_values()
-    state: dict[str, Any] = {"mask": None}
+    state: dict[str, Any] = {"mask": None, "share": share, "first_batch": True, "inputs": []}
     hooks = [_SiteHooks(s.name, s.module, config, state) for s in model.sites]
     loglik = 0.0
     try:
-        for idx in tqdm(list(data.sequential(config.batch_size)), desc="k-fac", disable=not progress, leave=False):
+        for i, idx in enumerate(tqdm(list(data.sequential(config.batch_size)), desc="k-fac", disable=not progress,
+                                     leave=False)):
             batch = data.batch(idx, device)
-            state["mask"] = batch["attention_mask"]
+            state.update(mask=batch["attention_mask"], first_batch=i == 0, inputs=[])
             with torch.enable_grad(), model.use_values({k: v.detach().requires_grad_(True) for k, v in values.items()}):
                 logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"],
                                       batch.get("token_type_ids"))

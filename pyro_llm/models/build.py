@@ -34,8 +34,19 @@ class LoRAOptions:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
 
 
-def default_targets(kind: str) -> tuple[str, ...]:
-    return ("query", "value") if kind == CLASSIFICATION else ("q_proj", "v_proj")
+#: The attention query/value projections under their names in common architectures (BLoB and
+#: Laplace-LoRA adapt these two): Llama/Mistral/Qwen/OPT, BERT/RoBERTa/MiniLM, GPT-2, T5/Falcon.
+_QV_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("q", "v"))
+
+
+def default_targets(model: torch.nn.Module) -> tuple[str, ...]:
+    """The query/value projection names that ``model`` has (first match of ``_QV_NAMES``)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for names in _QV_NAMES:
+        if all(n in leaves for n in names):
+            return names
+    raise ValueError(f"{type(model).__name__}: no query/value projections found under the names "
+                     f"{list(_QV_NAMES)}; pass the LoRA target modules explicitly")
 
 
 def build_model(
@@ -72,7 +83,7 @@ def build_model(
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
     else:
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
-                            target_modules=list(lora.target_modules or default_targets(task.kind)))
+                            target_modules=list(lora.target_modules or default_targets(base)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             peft_model = get_peft_model(base, config)

@@ -215,6 +215,8 @@ def load_sequence_classifier(
             )
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from err
+    if model.config.pad_token_id is None:  # decoder classifiers (Llama) find the last token by it
+        model.config.pad_token_id = tok.pad_token_id
     model.to(resolve_device(device))
     model.eval()
     return model, tok

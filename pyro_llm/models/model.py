@@ -61,6 +61,7 @@ class BayesianLoRAModel:
         self.dataset_size = dataset_size
         self.adapter = adapter
         self.sites: list[Site] = attach_sites(peft_model, adapter, b_site)
+        self._by_name: dict[str, Site] = {s.name: s for s in self.sites}
         for p in peft_model.parameters():
             p.requires_grad_(False)
         # Deterministic trainable weights: B (unless a site) and peft's modules_to_save (classifier heads).
@@ -79,9 +80,9 @@ class BayesianLoRAModel:
         return [s.name for s in self.sites]
 
     def site(self, name: str) -> Site:
-        for s in self.sites:
-            if s.name == name:
-                return s
+        site = self._by_name.get(name)
+        if site is not None:
+            return site
         raise KeyError(f"no site named {name!r}; sites: {self.site_names[:4]}...")
 
     def point_values(self) -> dict[str, torch.Tensor]:
