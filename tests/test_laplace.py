@@ -239,6 +239,24 @@ def test_accumulator_streams_exactly_when_rank_suffices():
     torch.testing.assert_close(acc.result(1.0, None).to_matrix(), X.T @ X, rtol=1e-8, atol=1e-8)
 
 
+def test_dense_accumulator_keeps_rows_until_dim_then_sums():
+    """Fewer rows than dim: eigenpairs from the SVD of the rows; past dim: the dense sum. Both
+    equal X^T X (and the top-k eigenpairs of it) computed directly."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 12, generator=gen, dtype=torch.float64)
+    for n in (5, 12, 40):  # rows only, exactly dim rows, past dim
+        acc = FactorAccumulator(12, rank=12, dense=True, device=torch.device("cpu"))
+        for chunk in X[:n].split(4):
+            acc.add(chunk, chunk.shape[0])
+        assert (acc.mat is None) == (n <= 12)
+        full = acc.result(0.5, None)
+        torch.testing.assert_close(full.to_matrix(), 0.5 * X[:n].T @ X[:n], rtol=1e-10, atol=1e-10)
+        top = acc.result(0.5, 3)
+        ref = torch.linalg.eigvalsh(0.5 * X[:n].T @ X[:n]).flip(0)[:3]
+        torch.testing.assert_close(top.eigvals, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(top.eigvecs.T @ top.eigvecs, torch.eye(3, dtype=torch.float64))
+
+
 def test_laplace_cli_on_our_map_run_and_on_a_plain_peft_adapter(tiny_llama, tmp_path):
     import json
 

@@ -60,13 +60,23 @@ class _SharingChanged(RuntimeError):
 
 
 class FactorAccumulator:
-    """Running ``sum x x^T`` of row vectors, dense or as a streamed rank-``rank`` eigenbasis."""
+    """Running ``sum x x^T`` of row vectors, dense or as a streamed rank-``rank`` eigenbasis.
+
+    Dense accumulation keeps the rows themselves while there are fewer of them than ``dim``
+    (K-FAC "reduce" on a few hundred prompts: one row per prompt against ``d = 576``): the
+    eigenpairs then come from a thin SVD of the ``n x d`` rows, exactly, at ``O(n^2 d)`` instead
+    of a ``d x d`` product per batch and a ``d x d`` eigenproblem. Past ``dim`` rows the ``d x d``
+    sum is formed and kept as before.
+    """
 
     def __init__(self, dim: int, rank: int, dense: bool, device: torch.device) -> None:
         self.dim, self.rank, self.dense = dim, min(rank, dim), dense
         self.count = 0
         self._results: dict[tuple[float, int | None], EigenFactor] = {}
-        self.mat = torch.zeros(dim, dim, dtype=torch.float64, device=device) if dense else None
+        self.device = device
+        self.mat: torch.Tensor | None = None  # the dense d x d sum, once formed
+        self.rows: list[torch.Tensor] = []  # dense mode, before the sum is formed
+        self.num_rows = 0
         self.basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)  # columns U with U U^T ~ sum
 
     def add(self, rows: torch.Tensor, count: int) -> None:
@@ -75,6 +85,15 @@ class FactorAccumulator:
         if rows.shape[0] == 0:
             return
         if self.dense:
+            if self.mat is None and self.num_rows + rows.shape[0] <= self.dim:
+                self.rows.append(rows)
+                self.num_rows += rows.shape[0]
+                return
+            if self.mat is None:
+                self.mat = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+                for kept in self.rows:
+                    self.mat.addmm_(kept.T, kept)
+                self.rows = []
             self.mat.addmm_(rows.T, rows)
             return
         stacked = torch.cat([self.basis, rows.T], dim=1)
@@ -95,8 +114,18 @@ class FactorAccumulator:
         return self._results[key]
 
     def _result(self, scale: float, rank: int | None) -> EigenFactor:
-        if self.dense:
+        if self.dense and self.mat is not None:
             return EigenFactor.from_matrix(self.mat * scale, rank or self.rank)
+        if self.dense:  # fewer rows than dim: the eigenpairs of R^T R from the SVD of R
+            if not self.rows:
+                return EigenFactor(torch.zeros(0, dtype=torch.float64, device=self.device),
+                                   torch.zeros(self.dim, 0, dtype=torch.float64, device=self.device))
+            R = torch.cat(self.rows)
+            if not torch.isfinite(R).all():
+                raise FloatingPointError("non-finite activations or gradients while collecting K-FAC factors")
+            _, sv, Vh = torch.linalg.svd(R, full_matrices=False)
+            k = min(rank or self.rank, sv.shape[0])
+            return EigenFactor((sv[:k] ** 2) * scale, Vh[:k].T.contiguous())
         if self.basis.shape[1] == 0:
             return EigenFactor(torch.zeros(0, dtype=torch.float64, device=self.basis.device), self.basis)
         U, sv, _ = torch.linalg.svd(self.basis, full_matrices=False)
