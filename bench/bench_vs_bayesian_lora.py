@@ -72,7 +72,7 @@ def setup(args):
     head = answer_head(tok, task)
     left = left_padded(tok, task, "train", args.examples, args.batch_size)
     test = encode_examples(load_examples(task, "test", limit=args.test_examples), tok, task.num_classes, 256)
-    test_left = left_padded(tok, task, "test", args.test_examples, args.batch_size)
+    test_left = left_padded(tok, task, "test", args.test_examples, args.predictive_batch_size)
     return device, peft, head, task, data, left, test, test_left
 
 
@@ -119,7 +119,10 @@ def rss_rise(fn) -> float:
 def main() -> None:
     ap = bench_parser(__doc__, ["ours", "theirs", "floor", "glm_ours", "glm_theirs"], examples=64, repeats=2)
     ap.add_argument("--adapter", default=None, help="a trained peft LoRA adapter (r 8 on q/v) instead of a random one")
-    ap.add_argument("--test-examples", type=int, default=32)
+    ap.add_argument("--test-examples", type=int, default=16)
+    ap.add_argument("--predictive-batch-size", type=int, default=2,
+                    help="prompts per predictive call, both libraries (bayesian-lora's jacrev predictive at batch 4 "
+                         "on SmolLM2 ran this 24 GB machine out of memory; its variance() fails an assertion at batch 1)")
     args = ap.parse_args()
     device, peft, head, task, data, left, test, test_left = setup(args)
     # bayesian-lora hooks nn.Linear modules named *lora*: it gets an untouched copy of the same adapter
@@ -154,7 +157,7 @@ def main() -> None:
         return measure(ours if args.memory_of == "ours" else floor)
     if args.memory_of == "glm_ours":
         guide = our_posterior()[1]
-        return measure(lambda: glm_logit_moments(guide, test, batch_size=args.batch_size, progress=False))
+        return measure(lambda: glm_logit_moments(guide, test, batch_size=args.predictive_batch_size, progress=False))
     times = interleaved({"floor": floor, "ours": ours, "theirs": their_fit}, args.repeats, device, warmup=1)
     mem = {who: subprocess_peak(__file__, who) for who in ("floor", "ours", "theirs")}
 
@@ -165,7 +168,7 @@ def main() -> None:
                                      torch.tensor(1.0)))
     # the linearised predictive of both posteriors at pyro-llm's marginal-likelihood prior precision
     lam = float(optimize_prior_precision(guide, factors.log_likelihood))
-    preds = {"ours": lambda: glm_logit_moments(guide, test, batch_size=args.batch_size, progress=False),
+    preds = {"ours": lambda: glm_logit_moments(guide, test, batch_size=args.predictive_batch_size, progress=False),
              "theirs": lambda: their_predictive(peft_plain_forward, head, their_factors, test_left, 1.0 / lam, device)}
     glm_times = interleaved(preds, args.repeats, device, warmup=0)
     glm_mem = {who: subprocess_peak(__file__, f"glm_{who}") for who in ("ours", "theirs")}
@@ -181,6 +184,7 @@ def main() -> None:
         "peak_memory_bytes": mem, "memory_ours_over_theirs": mem["ours"] / mem["theirs"],
         "log_evidence_at_lambda_1": {"pyro_llm": our_lml, "bayesian_lora": their_lml},
         "adapter": args.adapter or "random (B ~ N(0, 0.01))", "test_examples": len(test),
+        "predictive_batch_size": args.predictive_batch_size,
         "glm_seconds": glm_times, "glm_ours_over_theirs": glm_times["ours"] / glm_times["theirs"],
         "glm_peak_rise_bytes": glm_mem,
         "glm_memory_ours_over_theirs": glm_mem["ours"] / max(glm_mem["theirs"], 1.0),
