@@ -29,7 +29,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
-from torch.distributions import kl_divergence
+from torch.distributions import Normal as TorchNormal, kl_divergence
 from torch.distributions.kl import _dispatch_kl
 
 __all__ = ["MeanFieldELBO", "has_closed_form_kl"]
@@ -75,21 +75,19 @@ def _prior_key(p: Normal) -> tuple[int, int] | None:
 
 
 def _fused_normal_kl(pairs: list[tuple[Normal, Normal]], scalar_prior: bool) -> torch.Tensor:
-    """``sum_i KL(q_i || p_i)`` for elementwise Normals, as one computation over the
-    concatenated parameters (the formula of ``torch.distributions``' Normal/Normal KL); with
-    ``scalar_prior`` every ``p_i`` broadcasts the same scalar loc and scale, used as they are."""
+    """``sum_i KL(q_i || p_i)`` for elementwise Normals, as one ``kl_divergence`` over the
+    concatenated parameters; with ``scalar_prior`` every ``p_i`` broadcasts the same scalar loc
+    and scale, used as they are."""
     def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
 
-    q_loc, q_scale = flat([q.loc for q, _ in pairs]), flat([q.scale for q, _ in pairs])
+    q = TorchNormal(flat([q.loc for q, _ in pairs]), flat([q.scale for q, _ in pairs]), validate_args=False)
     if scalar_prior:
         p = pairs[0][1]
         p_loc, p_scale = _broadcast_scalar(p.loc), _broadcast_scalar(p.scale)
     else:
         p_loc, p_scale = flat([p.loc for _, p in pairs]), flat([p.scale for _, p in pairs])
-    var_ratio = (q_scale / p_scale).pow(2)
-    t1 = ((q_loc - p_loc) / p_scale).pow(2)
-    return 0.5 * (var_ratio + t1 - 1 - var_ratio.log()).sum()
+    return kl_divergence(q, TorchNormal(p_loc, p_scale, validate_args=False)).sum()
 
 
 def _check_reparametrized(name: str, site: dict[str, Any]) -> None:
