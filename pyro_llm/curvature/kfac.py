@@ -241,7 +241,8 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
         for i, idx in enumerate(tqdm(list(data.sequential(config.batch_size)), desc="k-fac", disable=not progress,
                                      leave=False)):
             batch = data.batch(idx, device)
-            state.update(mask=batch["attention_mask"], first_batch=i == 0, inputs=[])
+            # the mask as float once per batch, not once per site hook (120 of them for SmolLM2)
+            state.update(mask=batch["attention_mask"].float(), first_batch=i == 0, inputs=[])
             with torch.enable_grad(), model.use_values({k: v.detach().requires_grad_(True) for k, v in values.items()}):
                 logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"],
                                       batch.get("token_type_ids"))
