@@ -139,6 +139,33 @@ def test_shared_input_signs_keep_sites_independent():
         assert stats.kstest((pairs[:, k] / math.sqrt(var)).numpy(), "norm").pvalue > 1e-3
 
 
+def test_flipout_perturbs_with_the_guides_own_draw():
+    """The handler draws A = M + sigma * E for the guide and perturbs the product with that very
+    sigma * E: with one input feature, |h - x M^T| = |x (A - M)^T| exactly in every row. A value
+    replaced on the way (not the drawn tensor) is read back as A - M: the same result."""
+    M, sigma = torch.randn(3, 1), torch.full((3, 1), 0.7)
+    x = torch.full((6, 1), 2.0)
+
+    def guide():
+        return pyro.sample("w", dist.Normal(M, sigma).to_event(2))
+
+    def model(copy):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, 1), 1.0).to_event(2))
+        return lora_product(x, w.clone() if copy else w, name="w")
+
+    out = {}
+    for copy in (False, True):
+        pyro.set_rng_seed(3)
+        with flipout():
+            tr = poutine.trace(guide).get_trace()
+            out[copy] = (poutine.replay(model, trace=tr)(copy), tr.nodes["w"]["value"])
+    h, A = out[False]
+    torch.testing.assert_close((h - x @ M.T).abs(), (x @ (A - M).T).abs().expand(6, 3))
+    assert len({tuple(r) for r in torch.sign(h - x @ M.T).tolist()}) > 1  # rows get their own signs
+    torch.testing.assert_close(out[True][0], h)
+    torch.testing.assert_close(out[True][1], A)
+
+
 def test_flipout_handler_intercepts_only_guided_normal_sites(arc_model):
     model, data = arc_model
     guide = BLoBGuide(model)
