@@ -113,9 +113,9 @@ def main() -> None:
         c["model"] = args.model
     if args.device:
         c["device"] = args.device
-    if args.steps:
+    if args.steps is not None:
         c["steps"] = args.steps
-    if args.train_limit:
+    if args.train_limit is not None:
         c["train_limit"] = args.train_limit
     if c["model"] is None:
         raise SystemExit("--model is required for this configuration")

@@ -96,9 +96,7 @@ class FactorAccumulator:
                 self.rows = []
             self.mat.addmm_(rows.T, rows)
             return
-        stacked = torch.cat([self.basis, rows.T], dim=1)
-        if not torch.isfinite(stacked).all():
-            raise FloatingPointError("non-finite activations or gradients while collecting K-FAC factors")
+        stacked = _finite(torch.cat([self.basis, rows.T], dim=1))
         U, sv, _ = torch.linalg.svd(stacked, full_matrices=False)
         k = min(self.rank, sv.shape[0])
         self.basis = U[:, :k] * sv[:k]
@@ -114,23 +112,29 @@ class FactorAccumulator:
         return self._results[key]
 
     def _result(self, scale: float, rank: int | None) -> EigenFactor:
+        rank = rank or self.rank
         if self.dense and self.mat is not None:
-            return EigenFactor.from_matrix(self.mat * scale, rank or self.rank)
-        if self.dense:  # fewer rows than dim: the eigenpairs of R^T R from the SVD of R
-            if not self.rows:
-                return EigenFactor(torch.zeros(0, dtype=torch.float64, device=self.device),
-                                   torch.zeros(self.dim, 0, dtype=torch.float64, device=self.device))
-            R = torch.cat(self.rows)
-            if not torch.isfinite(R).all():
-                raise FloatingPointError("non-finite activations or gradients while collecting K-FAC factors")
-            _, sv, Vh = torch.linalg.svd(R, full_matrices=False)
-            k = min(rank or self.rank, sv.shape[0])
-            return EigenFactor((sv[:k] ** 2) * scale, Vh[:k].T.contiguous())
-        if self.basis.shape[1] == 0:
-            return EigenFactor(torch.zeros(0, dtype=torch.float64, device=self.basis.device), self.basis)
-        U, sv, _ = torch.linalg.svd(self.basis, full_matrices=False)
-        k = min(rank or self.rank, sv.shape[0])
-        return EigenFactor((sv[:k] ** 2) * scale, U[:, :k].contiguous())
+            return EigenFactor.from_matrix(self.mat * scale, rank)
+        if self.dense:  # fewer rows than dim: R^T R = C C^T with C = R^T
+            columns = _finite(torch.cat(self.rows).T) if self.rows else self.basis
+            return _gram_eigen(columns, scale, rank)
+        return _gram_eigen(self.basis, scale, rank)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise FloatingPointError("non-finite activations or gradients while collecting K-FAC factors")
+    return t
+
+
+def _gram_eigen(columns: torch.Tensor, scale: float, rank: int) -> EigenFactor:
+    """The top-``rank`` eigenpairs of ``scale * C C^T`` for ``C`` of shape ``d x m``, exactly, from
+    the thin SVD of ``C`` (``C = U S V^T`` gives eigenvectors ``U`` and eigenvalues ``S^2``)."""
+    if columns.shape[1] == 0:
+        return EigenFactor(torch.zeros(0, dtype=columns.dtype, device=columns.device), columns)
+    U, sv, _ = torch.linalg.svd(columns, full_matrices=False)
+    k = min(rank, sv.shape[0])
+    return EigenFactor((sv[:k] ** 2) * scale, U[:, :k].contiguous())
 
 
 @dataclass
