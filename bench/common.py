@@ -33,8 +33,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation."""
+def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+                        warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of every call of each function, timed in alternation (round ``i`` of each is the
+    ``i``-th entry of its list)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -46,7 +48,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.d
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats, device, warmup).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time over ``den``'s time in the same round: a drift of the
+    machine between rounds (other tenants of a shared CPU) cancels in each round's ratio."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:

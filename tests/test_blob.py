@@ -15,7 +15,7 @@ from torch.distributions import kl_divergence
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import BlobKLReweighting, LinearKLAnnealing, OptimConfig, SVITrainer
 from pyro_llm.models import lora_product
-from pyro_llm.poutine import flipout, flipout_product, kl_weight, rademacher
+from pyro_llm.poutine import FlipoutMessenger, flipout, flipout_product, kl_weight, rademacher
 from pyro_llm.priors import LaplacePrior, StudentTPrior
 
 
@@ -164,6 +164,38 @@ def test_flipout_perturbs_with_the_guides_own_draw():
     assert len({tuple(r) for r in torch.sign(h - x @ M.T).tolist()}) > 1  # rows get their own signs
     torch.testing.assert_close(out[True][0], h)
     torch.testing.assert_close(out[True][1], A)
+
+
+def test_flipout_fuses_sites_that_read_the_same_input():
+    """A handler entered again computes the products of sites that read one input (q/v) in one
+    pass: the later site gets a slice of a shared product, each still exact (one input feature:
+    |h - x M^T| = |x (A - M)^T|, dh/dM = sum of x over rows), and a later site that now reads another
+    input is computed on its own."""
+    Ms = {"q": torch.randn(3, 1, requires_grad=True), "v": torch.randn(2, 1, requires_grad=True)}
+    sigma = {"q": torch.full((3, 1), 0.7), "v": torch.full((2, 1), 0.4)}
+    x = torch.full((5, 1), 2.0)
+
+    def guide():
+        return {k: pyro.sample(k, dist.Normal(Ms[k], sigma[k]).to_event(2)) for k in Ms}
+
+    def model(x_v):
+        w = {k: pyro.sample(k, dist.Normal(torch.zeros_like(Ms[k]), 1.0).to_event(2)) for k in Ms}
+        return {"q": lora_product(x, w["q"], name="q"), "v": lora_product(x_v, w["v"], name="v")}
+
+    handler = FlipoutMessenger()
+    for attempt, (x_v, fused) in enumerate([(x, False), (x, True), (x.clone(), False)]):
+        for M in Ms.values():
+            M.grad = None
+        with handler:
+            tr = poutine.trace(guide).get_trace()
+            h = poutine.replay(model, trace=tr)(x_v)
+        shared = h["v"].untyped_storage().data_ptr() == h["q"].untyped_storage().data_ptr()
+        assert shared == fused, attempt
+        sum(o.sum() for o in h.values()).backward()
+        for k, M in Ms.items():
+            A = tr.nodes[k]["value"].detach()
+            torch.testing.assert_close((h[k] - x @ M.T).detach().abs(), (x @ (A - M).T).detach().abs().expand_as(h[k]))
+            torch.testing.assert_close(M.grad, torch.full_like(M, float(x.sum())))
 
 
 def test_flipout_handler_intercepts_only_guided_normal_sites(arc_model):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..data.collate import EncodedDataset
 from ..models.model import BayesianLoRAModel
-from ..poutine import flipout, kl_weight
+from ..poutine import FlipoutMessenger, kl_weight
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .schedules import KLSchedule, ConstantKL, warmup_decay
 from .elbo import MeanFieldELBO
@@ -118,6 +118,8 @@ class SVITrainer:
         self.elbo = elbo or MeanFieldELBO()
         self.validate_every_step = validate_every_step
         self.use_flipout = use_flipout
+        # one handler for all steps: it learns which sites read the same input and fuses their products
+        self._flipout = FlipoutMessenger()
         self.kl_schedule = kl_schedule or ConstantKL(1.0)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
@@ -132,7 +134,7 @@ class SVITrainer:
         n = self.model.dataset_size or batch["labels"].shape[0]
         with contextlib.ExitStack() as stack:
             if self.use_flipout:
-                stack.enter_context(flipout())
+                stack.enter_context(self._flipout)
             w = self.kl_schedule(step)
             if w != 1.0:
                 stack.enter_context(kl_weight(weight=w, sites=self.model.site_names))

@@ -21,11 +21,16 @@ dimension pass through unchanged. Use it around whatever runs guide *and* model 
 
     with flipout():
         loss = elbo.differentiable_loss(model, guide, **batch)
+
+To train over many steps, keep one handler and enter it at each step (``SVITrainer`` does): from the
+second step on it computes the products of sites that read the same input together
+(:class:`FlipoutMessenger`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import pyro.distributions as dist
@@ -78,11 +83,7 @@ def flipout_product(x: torch.Tensor, loc: torch.Tensor, delta: torch.Tensor,
         x_flipped = x * rademacher(x.shape, x, table)
     if s_out is None:
         s_out = rademacher(x.shape[:-1] + (loc.shape[0],), x, table)
-    return F.linear(x, loc) + F.linear(x_flipped, delta) * s_out
-
-
-#: output-sign blocks drawn along with each input's s_in (q_proj and v_proj read the same input)
-_PREDRAWN = 2
+    return torch.addcmul(F.linear(x, loc), F.linear(x_flipped, delta), s_out)
 
 
 def _normal_base(fn: object) -> dist.Normal | None:
@@ -91,8 +92,32 @@ def _normal_base(fn: object) -> dist.Normal | None:
     return fn if isinstance(fn, dist.Normal) else None
 
 
+@dataclass
+class _Input:
+    """What Flipout keeps about one input tensor ``x`` while the sites that read it run."""
+
+    x: torch.Tensor
+    flipped: torch.Tensor | None = None  # x * s_in: one sign draw per input, shared by its sites
+    sites: list[str] = field(default_factory=list)  # the sites that read x, in call order
+    ahead: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # site -> (A, product)
+
+
 class FlipoutMessenger(Messenger):
     """Answers ``lora_product`` messages with the Flipout estimator (module docstring).
+
+    Sites fed the very same input tensor (``q_proj`` and ``v_proj`` of one attention layer) share
+    one draw of ``s_in`` and so one product ``x * s_in`` (and its backward). Given the signs, each
+    site's perturbation is still its own independent ``N(0, sigma^2)`` (the ``E``'s and the
+    ``s_out``'s are independent), so marginals, independence across sites and the decorrelation
+    across rows are unchanged (``tests/test_blob.py``).
+
+    The handler also remembers which sites read one input, in which order. A handler that is
+    entered again (``SVITrainer`` keeps one for all its steps) computes the products of such a
+    group at its first site in one pass, with the group's ``M``'s and noises stacked, and hands the
+    later sites their slice when they arrive with the same input and the same ``A``: half the
+    matrix products of a q/v pair and their backward, for the same numbers. A site that arrives
+    with another input or another value is computed on its own, so a stale group costs time,
+    never correctness.
 
     :param sites: restrict Flipout to these site names (default: every site with a Normal guide).
     """
@@ -102,16 +127,16 @@ class FlipoutMessenger(Messenger):
         self.sites = None if sites is None else frozenset(sites)
         self._q: dict[str, dist.Normal] = {}
         self._noise: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> (A, sigma * E)
-        self._last_input: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        self._input: _Input | None = None
+        self._groups: dict[str, tuple[str, ...]] = {}  # first site of an input -> all its sites, kept across entries
         self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def __enter__(self) -> "FlipoutMessenger":
-        self._q, self._noise = {}, {}
-        self._last_input = None
+        self._q, self._noise, self._input = {}, {}, None
         return super().__enter__()
 
     def __exit__(self, *args: object) -> None:
-        self._last_input = None
+        self._close_input()
         self._noise = {}
         return super().__exit__(*args)
 
@@ -121,28 +146,11 @@ class FlipoutMessenger(Messenger):
             self._tables[key] = sign_table(x.dtype, x.device)
         return self._tables[key]
 
-    def _signs(self, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x * s_in, s_out)`` for a product of ``x`` with a rank-``rank`` matrix.
-
-        Sites fed the very same input tensor (q_proj and v_proj of one attention layer) share
-        one s_in draw, and so one product x * s_in (and its backward). Given the signs, each
-        site's perturbation is still its own independent N(0, sigma^2) (the E's are
-        independent), so marginals, independence across sites and the decorrelation across rows
-        are unchanged; half of Flipout's random numbers and elementwise products are saved. The
-        output signs of the first two such sites come from the same draw as s_in (other
-        columns: independent bits), so a q/v pair costs one draw instead of three.
-        """
-        table = self._table(x)
-        last = self._last_input
-        if last is None or last[0] is not x:
-            d_in = x.shape[-1]
-            signs = rademacher(x.shape[:-1] + (d_in + _PREDRAWN * rank,), x, table)
-            pool = [signs[..., d_in + i * rank:d_in + (i + 1) * rank] for i in range(_PREDRAWN)]
-            last = self._last_input = (x, x * signs[..., :d_in], pool)
-        _, x_flipped, pool = last
-        if pool and pool[0].shape[-1] == rank:
-            return x_flipped, pool.pop(0)
-        return x_flipped, rademacher(x.shape[:-1] + (rank,), x, table)
+    def _close_input(self) -> None:
+        """Remember which sites read the input that is done with."""
+        if self._input is not None and self._input.sites:
+            self._groups[self._input.sites[0]] = tuple(self._input.sites)
+        self._input = None
 
     def _pyro_sample(self, msg: Message) -> None:
         # The guide's draw arrives with no value yet; the model's replayed site already carries
@@ -163,21 +171,57 @@ class FlipoutMessenger(Messenger):
             self._noise[name] = (msg["value"], noise)
 
     def _pyro_lora_product(self, msg: Message) -> None:
-        q = self._q.get(msg["name"] or "")
-        if q is None or msg["done"]:
+        name = msg["name"] or ""
+        if name not in self._q or msg["done"]:
             return
         x, weight = msg["args"]
         if weight.dim() != 2:
             return
-        loc = q.loc.expand(weight.shape)
-        drawn = self._noise.get(msg["name"])
-        # the noise drawn with this very value; anything else (a value replaced by another
-        # handler) is read back as A - M
-        delta = drawn[1] if drawn is not None and drawn[0] is weight else weight - loc
-        x_flipped, s_out = self._signs(x, weight.shape[0])
-        msg["value"] = flipout_product(x, loc, delta, x_flipped, s_out)
+        if self._input is None or self._input.x is not x:
+            self._close_input()
+            self._input = _Input(x)
+        inp = self._input
+        inp.sites.append(name)
+        ahead = inp.ahead.pop(name, None)
+        if ahead is not None and ahead[0] is weight:
+            msg["value"] = ahead[1]
+        else:  # this site and the later sites that read this input last time, if their A is drawn
+            later = [s for s in self._groups.get(name, ())[1:]
+                     if s != name and s in self._noise and s not in inp.sites and s not in inp.ahead]
+            msg["value"] = self._products(inp, [(name, weight)] + [(s, self._noise[s][0]) for s in later])
         msg["done"] = True
         msg["infer"]["flipout"] = True
+
+    def _loc_delta(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, A - M)`` of a site: the noise drawn with this very ``A``, or (a value replaced by
+        another handler) ``A - M`` read back."""
+        loc = self._q[name].loc.expand(weight.shape)
+        drawn = self._noise.get(name)
+        return loc, drawn[1] if drawn is not None and drawn[0] is weight else weight - loc
+
+    def _products(self, inp: _Input, members: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """The Flipout products of ``members`` (site, A) with ``inp.x`` in one pass; returns the
+        first one's and keeps the others' in ``inp.ahead``."""
+        x, table = inp.x, self._table(inp.x)
+        parts = [self._loc_delta(name, weight) for name, weight in members]
+        ranks = [loc.shape[0] for loc, _ in parts]
+        if inp.flipped is None:  # s_in and these sites' s_out in one draw
+            d_in = x.shape[-1]
+            signs = rademacher(x.shape[:-1] + (d_in + sum(ranks),), x, table)
+            inp.flipped, s_out = x * signs[..., :d_in], signs[..., d_in:]
+        else:
+            s_out = rademacher(x.shape[:-1] + (sum(ranks),), x, table)
+        if len(parts) == 1:
+            loc, delta = parts[0]
+        else:
+            loc, delta = (torch.cat(t) for t in zip(*parts))
+        out = flipout_product(x, loc, delta, inp.flipped, s_out)
+        if len(parts) == 1:
+            return out
+        pieces = out.split(ranks, dim=-1)
+        for (name, weight), piece in zip(members[1:], pieces[1:]):
+            inp.ahead[name] = (weight, piece)
+        return pieces[0]
 
 
 def flipout(fn=None, sites: Iterable[str] | None = None):
