@@ -102,6 +102,7 @@ def main() -> None:
                                "blob_without_flipout": times["no_flipout"]},
         "train_step_time_ratio": paired_ratio(samples, "blob", "plain"),
         "train_step_time_ratio_without_flipout": paired_ratio(samples, "no_flipout", "plain"),
+        "train_step_time_ratio_quartiles": paired_ratio(samples, "blob", "plain", quartiles=True),
         "train_step_time_ratio_of_medians": times["blob"] / times["plain"],
         "ratio_note": "train_step_time_ratio: median over rounds of the BLoB step over the plain step of the same "
                       "round (the three kinds are timed in alternation); _of_medians: ratio of the median times",

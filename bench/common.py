@@ -56,10 +56,13 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.d
     return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats, device, warmup).items()}
 
 
-def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+def paired_ratio(times: dict[str, list[float]], num: str, den: str, quartiles: bool = False
+                 ) -> float | list[float]:
     """Median over rounds of ``num``'s time over ``den``'s time in the same round: a drift of the
-    machine between rounds (other tenants of a shared CPU) cancels in each round's ratio."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    machine between rounds (other tenants of a shared CPU) cancels in each round's ratio. With
+    ``quartiles``, the three quartiles of the rounds' ratios instead (their spread)."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    return statistics.quantiles(ratios, n=4) if quartiles else statistics.median(ratios)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
