@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import statistics
 
 import pyro
 import torch
 from peft import LoraConfig, get_peft_model
 
 from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, interleaved_samples,
-                    load_base, paired_ratio, peak_memory, report, subprocess_peak)
+                    load_base, medians, paired_ratio, peak_memory, report, subprocess_peak)
 from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import MeanFieldELBO, OptimConfig, SVITrainer
@@ -85,7 +84,7 @@ def main() -> None:
         plain_mem, blob_mem = (subprocess_peak(__file__, v) for v in ("plain", "blob"))
     samples = interleaved_samples({"blob": blob_step, "plain": plain_step, "no_flipout": no_flipout_step}, args.repeats,
                                   device)
-    times = {k: statistics.median(v) for k, v in samples.items()}
+    times = medians(samples)
 
     variance = flipout_gradient_variance(model, guide, elbo, batch, draws=args.repeats * 2)
 

@@ -51,9 +51,14 @@ def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int, device:
     return times
 
 
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each list of timings."""
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternation."""
-    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats, device, warmup).items()}
+    return medians(interleaved_samples(fns, repeats, device, warmup))
 
 
 def paired_ratio(times: dict[str, list[float]], num: str, den: str, quartiles: bool = False
@@ -157,4 +162,5 @@ def report(name: str, result: dict[str, Any], out: str | None) -> None:
 
 
 __all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "bench_parser", "describe",
-           "fwd_bwd_floor", "interleaved", "load_base", "peak_memory", "report", "subprocess_peak", "sync"]
+           "fwd_bwd_floor", "interleaved", "interleaved_samples", "load_base", "medians",
+           "paired_ratio", "peak_memory", "report", "subprocess_peak", "sync"]

@@ -12,7 +12,8 @@ log-density, so the result never changes.
 The closed-form KLs of Normal guides against Normal priors (BLoB, ``AutoNormal`` with the default
 Gaussian prior) are summed in one fused computation over all such sites with the same scale (and,
 for i.i.d. priors, the same scalar parameters, which are then not copied) instead of one small
-graph per site: the same sum, with a constant number of autograd nodes.
+graph per site: the same sum, with a constant number of autograd nodes (and, for the i.i.d.
+prior, no full-size temporaries: :mod:`pyro_llm.infer.normal_kl`).
 ``tests/test_elbo.py`` checks loss and gradients against ``TraceMeanField_ELBO``.
 """
 
@@ -31,6 +32,8 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 from torch.distributions import Normal as TorchNormal, kl_divergence
 from torch.distributions.kl import _dispatch_kl
+
+from .normal_kl import iid_normal_kl_sum
 
 __all__ = ["MeanFieldELBO", "has_closed_form_kl"]
 
@@ -75,13 +78,19 @@ def _prior_key(p: Normal) -> tuple[int, int] | None:
 
 
 def _fused_normal_kl(pairs: list[tuple[Normal, Normal]], scalar_prior: bool) -> torch.Tensor:
-    """``sum_i KL(q_i || p_i)`` for elementwise Normals, as one ``kl_divergence`` over the
-    concatenated parameters; with ``scalar_prior`` every ``p_i`` broadcasts the same scalar loc
-    and scale, used as they are."""
+    """``sum_i KL(q_i || p_i)`` for elementwise Normals in one autograd node: with ``scalar_prior``
+    (every ``p_i`` broadcasts the same scalar loc and scale: BLoB's i.i.d. Gaussian prior)
+    :func:`~pyro_llm.infer.normal_kl.iid_normal_kl_sum`, site by site without copies; otherwise
+    one ``kl_divergence`` over the concatenated parameters."""
+    locs, scales = [q.loc for q, _ in pairs], [q.scale for q, _ in pairs]
+    if scalar_prior and all(q.loc.shape == q.scale.shape for q, _ in pairs):
+        p = pairs[0][1]
+        return iid_normal_kl_sum(locs, scales, _broadcast_scalar(p.loc), _broadcast_scalar(p.scale))
+
     def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
 
-    q = TorchNormal(flat([q.loc for q, _ in pairs]), flat([q.scale for q, _ in pairs]), validate_args=False)
+    q = TorchNormal(flat(locs), flat(scales), validate_args=False)
     if scalar_prior:
         p = pairs[0][1]
         p_loc, p_scale = _broadcast_scalar(p.loc), _broadcast_scalar(p.scale)

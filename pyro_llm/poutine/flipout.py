@@ -187,7 +187,7 @@ class FlipoutMessenger(Messenger):
             msg["value"] = ahead[1]
         else:  # this site and the later sites that read this input last time, if their A is drawn
             later = [s for s in self._groups.get(name, ())[1:]
-                     if s != name and s in self._noise and s not in inp.sites and s not in inp.ahead]
+                     if s in self._noise and s not in inp.sites and s not in inp.ahead]
             msg["value"] = self._products(inp, [(name, weight)] + [(s, self._noise[s][0]) for s in later])
         msg["done"] = True
         msg["infer"]["flipout"] = True
@@ -212,13 +212,9 @@ class FlipoutMessenger(Messenger):
         else:
             s_out = rademacher(x.shape[:-1] + (sum(ranks),), x, table)
         if len(parts) == 1:
-            loc, delta = parts[0]
-        else:
-            loc, delta = (torch.cat(t) for t in zip(*parts))
-        out = flipout_product(x, loc, delta, inp.flipped, s_out)
-        if len(parts) == 1:
-            return out
-        pieces = out.split(ranks, dim=-1)
+            return flipout_product(x, *parts[0], inp.flipped, s_out)
+        loc, delta = (torch.cat(t) for t in zip(*parts))
+        pieces = flipout_product(x, loc, delta, inp.flipped, s_out).split(ranks, dim=-1)
         for (name, weight), piece in zip(members[1:], pieces[1:]):
             inp.ahead[name] = (weight, piece)
         return pieces[0]
