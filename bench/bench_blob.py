@@ -4,7 +4,8 @@
   LoRA step (cross-entropy on the answer logits + fused AdamW, the default optimiser of Hugging Face's
   Trainer) on the same model, batch and LoRA config;
   targets: time <= 1.05x, peak memory <= 1.05x; the same BLoB step without Flipout is timed too; the
-  time ratio is the median over rounds of the two steps' ratio within a round (drift cancels);
+  time ratio is the median over rounds of the two steps' ratio within a round (drift cancels; the
+  three are timed in a shuffled order each round), with a distribution-free 95 % interval of that median;
 * evaluation: N = 10 samples (batched) against one deterministic pass over the same examples;
 * the variance of the ELBO's gradient with respect to the means M, with and without Flipout.
 
@@ -20,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, interleaved_samples,
-                    load_base, medians, paired_ratio, peak_memory, report, subprocess_peak)
+                    load_base, medians, peak_memory, ratio_summary, report, subprocess_peak)
 from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import MeanFieldELBO, OptimConfig, SVITrainer
@@ -28,7 +29,8 @@ from pyro_llm.poutine import flipout
 
 
 def main() -> None:
-    ap = bench_parser(__doc__, ["plain", "blob"], examples=8, repeats=15)
+    ap = bench_parser(__doc__, ["plain", "blob"], examples=8, repeats=30)
+    ap.add_argument("--draws", type=int, default=30, help="ELBO gradient draws for the variance comparison")
     args = ap.parse_args()
     device = torch.device(args.device)
     base, tok = load_base(args.model, device, args.dtype)
@@ -85,8 +87,10 @@ def main() -> None:
     samples = interleaved_samples({"blob": blob_step, "plain": plain_step, "no_flipout": no_flipout_step}, args.repeats,
                                   device)
     times = medians(samples)
+    step = ratio_summary(samples, "blob", "plain")
+    no_flip_ratio = ratio_summary(samples, "no_flipout", "plain")
 
-    variance = flipout_gradient_variance(model, guide, elbo, batch, draws=args.repeats * 2)
+    variance = flipout_gradient_variance(model, guide, elbo, batch, draws=args.draws)
 
     evaluation = arc_batches(tok, args.examples)[1]
     ev = interleaved({
@@ -99,12 +103,17 @@ def main() -> None:
         "device": describe(device), "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size,
         "train_step_seconds": {"blob": times["blob"], "plain_peft_lora": times["plain"],
                                "blob_without_flipout": times["no_flipout"]},
-        "train_step_time_ratio": paired_ratio(samples, "blob", "plain"),
-        "train_step_time_ratio_without_flipout": paired_ratio(samples, "no_flipout", "plain"),
-        "train_step_time_ratio_quartiles": paired_ratio(samples, "blob", "plain", quartiles=True),
+        "train_step_time_ratio": step["median"],
+        "train_step_time_ratio_median_ci95": step["median_ci95"],
+        "train_step_time_ratio_quartiles": step["quartiles"],
+        "train_step_time_ratio_without_flipout": no_flip_ratio["median"],
+        "train_step_time_ratio_without_flipout_median_ci95": no_flip_ratio["median_ci95"],
         "train_step_time_ratio_of_medians": times["blob"] / times["plain"],
+        "rounds": step["rounds"],
         "ratio_note": "train_step_time_ratio: median over rounds of the BLoB step over the plain step of the same "
-                      "round (the three kinds are timed in alternation); _of_medians: ratio of the median times",
+                      "round (each round times the three kinds once, in a shuffled order); _median_ci95: a "
+                      "distribution-free 95 % confidence interval of that median; _quartiles: the spread of "
+                      "one round's ratio; _of_medians: ratio of the median times",
         "peak_memory_bytes": {"blob": blob_mem, "plain_peft_lora": plain_mem},
         "peak_memory_ratio": blob_mem / plain_mem,
         "memory_note": "CUDA: max_memory_allocated during one step; CPU: peak RSS of a process that loads the "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import statistics
 import sys
@@ -34,18 +35,23 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                        warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of every call of each function, timed in alternation (round ``i`` of each is the
-    ``i``-th entry of its list)."""
+                        warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds of every call of each function, timed in alternation: round ``i`` calls each function
+    once, in an order shuffled per round (seeded), and its times are the ``i``-th entries of the
+    lists. Shuffling keeps a fixed neighbour (one step always running right after another, in its
+    wake of caches and allocator state) from biasing a ratio."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    rng = random.Random(seed)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for k, fn in fns.items():
+        order = list(fns)
+        rng.shuffle(order)
+        for k in order:
             sync(device)
             t = time.perf_counter()
-            fn()
+            fns[k]()
             sync(device)
             times[k].append(time.perf_counter() - t)
     return times
@@ -61,13 +67,34 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.d
     return medians(interleaved_samples(fns, repeats, device, warmup))
 
 
-def paired_ratio(times: dict[str, list[float]], num: str, den: str, quartiles: bool = False
-                 ) -> float | list[float]:
-    """Median over rounds of ``num``'s time over ``den``'s time in the same round: a drift of the
-    machine between rounds (other tenants of a shared CPU) cancels in each round's ratio. With
-    ``quartiles``, the three quartiles of the rounds' ratios instead (their spread)."""
-    ratios = [a / b for a, b in zip(times[num], times[den])]
-    return statistics.quantiles(ratios, n=4) if quartiles else statistics.median(ratios)
+def paired_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """``num``'s time over ``den``'s time in each round: a drift of the machine between rounds (other
+    tenants of a shared CPU) cancels in each ratio."""
+    return [a / b for a, b in zip(times[num], times[den])]
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics ``(k, n + 1 - k)``
+    with ``k`` the largest index such that ``Binomial(n, 1/2)`` puts at most ``(1 - level) / 2``
+    below ``k`` (the interval covers the median with probability at least ``level``, whatever the
+    distribution of the timings' noise)."""
+    from scipy.stats import binom
+
+    xs, n = sorted(values), len(values)
+    k = 0  # ends as the largest k with P(X <= k - 1) <= (1 - level) / 2
+    while binom.cdf(k, n, 0.5) <= (1 - level) / 2:
+        k += 1
+    if k == 0:  # too few values for this level: the range is the widest interval there is
+        return xs[0], xs[-1]
+    return xs[k - 1], xs[n - k]
+
+
+def ratio_summary(times: dict[str, list[float]], num: str, den: str) -> dict[str, Any]:
+    """Median of the per-round ratios (:func:`paired_ratios`), their quartiles (the spread of one
+    round), and a 95 % distribution-free confidence interval of the median (:func:`median_ci`)."""
+    ratios = paired_ratios(times, num, den)
+    return {"median": statistics.median(ratios), "quartiles": statistics.quantiles(ratios, n=4),
+            "median_ci95": list(median_ci(ratios)), "rounds": len(ratios)}
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
@@ -163,4 +190,4 @@ def report(name: str, result: dict[str, Any], out: str | None) -> None:
 
 __all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "bench_parser", "describe",
            "fwd_bwd_floor", "interleaved", "interleaved_samples", "load_base", "medians",
-           "paired_ratio", "peak_memory", "report", "subprocess_peak", "sync"]
+           "median_ci", "paired_ratios", "peak_memory", "ratio_summary", "report", "subprocess_peak", "sync"]
