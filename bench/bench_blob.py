@@ -110,6 +110,7 @@ def main() -> None:
         "train_step_time_ratio_without_flipout_median_ci95": no_flip_ratio["median_ci95"],
         "train_step_time_ratio_of_medians": times["blob"] / times["plain"],
         "rounds": step["rounds"],
+        "train_step_time_ratio_per_round": step["ratios"],
         "ratio_note": "train_step_time_ratio: median over rounds of the BLoB step over the plain step of the same "
                       "round (each round times the three kinds once, in a shuffled order); _median_ci95: a "
                       "distribution-free 95 % confidence interval of that median; _quartiles: the spread of "

@@ -39,7 +39,7 @@ def test_ratio_summary_pairs_rounds():
     times = {"a": [2.0, 3.0, 4.0, 10.0], "b": [1.0, 1.0, 2.0, 10.0]}
     s = ratio_summary(times, "a", "b")
     assert s["median"] == pytest.approx(statistics.median([2.0, 3.0, 2.0, 1.0]))
-    assert s["rounds"] == 4 and len(s["quartiles"]) == 3
+    assert s["ratios"] == [2.0, 3.0, 2.0, 1.0] and s["rounds"] == 4 and len(s["quartiles"]) == 3
 
 
 def test_interleaved_samples_calls_each_once_per_round_in_shuffled_orders():
