@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-
 import pyro
 import torch
 from peft import LoraConfig, get_peft_model

@@ -90,9 +90,9 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
 
 
 def ratio_summary(times: dict[str, list[float]], num: str, den: str) -> dict[str, Any]:
-    """Median of the per-round ratios (:func:`paired_ratios`), their quartiles (the spread of one
-    round), and a 95 % distribution-free confidence interval of the median (:func:`median_ci`), and the ratios
-    themselves (to pool runs)."""
+    """The per-round ratios (:func:`paired_ratios`, kept to pool runs), their median, their
+    quartiles (the spread of one round) and a distribution-free 95 % confidence interval of the
+    median (:func:`median_ci`)."""
     ratios = paired_ratios(times, num, den)
     return {"median": statistics.median(ratios), "quartiles": statistics.quantiles(ratios, n=4),
             "median_ci95": list(median_ci(ratios)), "rounds": len(ratios), "ratios": ratios}

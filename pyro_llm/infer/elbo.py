@@ -77,25 +77,25 @@ def _prior_key(p: Normal) -> tuple[int, int] | None:
     return (loc.data_ptr(), scale.data_ptr())
 
 
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' entries, concatenated into one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 def _fused_normal_kl(pairs: list[tuple[Normal, Normal]], scalar_prior: bool) -> torch.Tensor:
     """``sum_i KL(q_i || p_i)`` for elementwise Normals in one autograd node: with ``scalar_prior``
     (every ``p_i`` broadcasts the same scalar loc and scale: BLoB's i.i.d. Gaussian prior)
     :func:`~pyro_llm.infer.normal_kl.iid_normal_kl_sum`, site by site without copies; otherwise
     one ``kl_divergence`` over the concatenated parameters."""
     locs, scales = [q.loc for q, _ in pairs], [q.scale for q, _ in pairs]
-    if scalar_prior and all(q.loc.shape == q.scale.shape for q, _ in pairs):
-        p = pairs[0][1]
-        return iid_normal_kl_sum(locs, scales, _broadcast_scalar(p.loc), _broadcast_scalar(p.scale))
-
-    def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    q = TorchNormal(flat(locs), flat(scales), validate_args=False)
     if scalar_prior:
         p = pairs[0][1]
         p_loc, p_scale = _broadcast_scalar(p.loc), _broadcast_scalar(p.scale)
+        if all(loc.shape == scale.shape for loc, scale in zip(locs, scales)):
+            return iid_normal_kl_sum(locs, scales, p_loc, p_scale)
     else:
-        p_loc, p_scale = flat([p.loc for _, p in pairs]), flat([p.scale for _, p in pairs])
+        p_loc, p_scale = _flat([p.loc for _, p in pairs]), _flat([p.scale for _, p in pairs])
+    q = TorchNormal(_flat(locs), _flat(scales), validate_args=False)
     return kl_divergence(q, TorchNormal(p_loc, p_scale, validate_args=False)).sum()
 
 
