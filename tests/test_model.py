@@ -21,7 +21,7 @@ def _batch(data, n=4):
 
 def test_sites_are_named_by_module_path_and_typed(arc_model):
     model, _ = arc_model
-    assert model.site_names == [f"model.layers.{i}.self_attn.{p}.lora_A" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert model.site_names == [f"base_model.model.model.layers.{i}.self_attn.{p}.lora_A" for i in range(2) for p in ("q_proj", "v_proj")]
     assert all(isinstance(s.module, LoRASite) and s.shape == (8, 32) for s in model.sites)
 
 

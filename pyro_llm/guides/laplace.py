@@ -41,25 +41,26 @@ class KroneckerNormal(dist.TorchDistribution):
     support = constraints.independent(constraints.real, 2)
     has_rsample = True
 
-    def __init__(self, block: KronBlock, prior_precision: torch.Tensor | float, validate_args: Any = None) -> None:
+    def __init__(self, block: KronBlock, prior_precision: torch.Tensor | float, batch_shape: torch.Size = torch.Size(),
+                 validate_args: Any = None) -> None:
         self.block = block
         self.prior_precision = torch.as_tensor(prior_precision, dtype=torch.float64)
-        super().__init__(batch_shape=torch.Size(), event_shape=block.shape, validate_args=validate_args)
+        super().__init__(batch_shape=torch.Size(batch_shape), event_shape=block.shape, validate_args=validate_args)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.block.mean
+        return self.block.mean.expand(self.batch_shape + self.event_shape)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        return self.block.rsample(self.prior_precision, torch.Size(sample_shape))
+        """Independent exact draws for every entry of ``sample_shape + batch_shape`` (the batch
+        shape a vectorised plate gives, ``Predictive(parallel=True)``)."""
+        return self.block.rsample(self.prior_precision, torch.Size(sample_shape) + self.batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self.block.log_prob(value, self.prior_precision).to(value.dtype)
 
     def expand(self, batch_shape: torch.Size, _instance: Any = None) -> "KroneckerNormal":
-        if torch.Size(batch_shape) != torch.Size():
-            raise NotImplementedError("KroneckerNormal has no batch dimensions")
-        return self
+        return KroneckerNormal(self.block, self.prior_precision, torch.Size(batch_shape))
 
 
 class LaplaceGuide:

@@ -1,31 +1,41 @@
-"""The mean-field ELBO without the log-densities it never reads.
+"""The mean-field ELBO: closed-form KLs wherever the guide's marginal has one, nothing else evaluated.
 
-``pyro.infer.TraceMeanField_ELBO`` uses the closed-form ``KL(q || p)`` of every latent site that
-has one, but its trace preparation (``get_importance_trace``) first evaluates ``log p`` and
-``log q`` of *every* site. With one site per LoRA matrix (60 for SmolLM2 with q/v targets) those
-unused log-densities are a measurable share of a BLoB step's overhead over plain LoRA.
-:class:`MeanFieldELBO` is the same estimator, term for term, computing log-densities only for
-observed sites and for latent sites whose KL has no closed form (Student-t priors, say). If the
-closed-form check is ever wrong for an exotic distribution, the loss falls back to computing every
-log-density, so the result never changes.
+``ELBO = E_q[log p(D | A)] - sum_sites KL(q(A_s) || p(A_s))``, with each site's KL
+
+* in closed form when its guide distribution and prior have one (BLoB's Normal against a Gaussian
+  prior), **including Pyro's ``AutoNormal``**: it samples an auxiliary ``<site>_unconstrained``
+  from a Normal and puts a ``Delta`` at the site; when the transform to the prior's support is the
+  identity (the ``Delta``'s value *is* the auxiliary value: real-valued sites) the site's marginal
+  is that Normal, and its KL replaces both the auxiliary site's ``log q`` and the site's ``log p``;
+* otherwise estimated from the sample, ``log p(A) - log q(A)`` (Student-t or Laplace priors,
+  low-rank guides, hyper-parameters on a positive support). A ``Delta`` guide site counts with its
+  ``log_density`` (the log-Jacobian ``AutoNormal`` puts there for a constrained site; Pyro's
+  registered ``KL(Delta || p) = -log p`` would drop it), so the estimate is unbiased.
+
+``pyro.infer.TraceMeanField_ELBO`` evaluates ``log p`` and ``log q`` of *every* site first; with
+one site per LoRA matrix (60 for SmolLM2 with q/v targets) those unused log-densities are a
+measurable share of a BLoB step's overhead over plain LoRA. :class:`MeanFieldELBO` decides per
+site which terms its loss reads (:func:`_plan`) and computes only those.
 
 The closed-form KLs of Normal guides against Normal priors (BLoB, ``AutoNormal`` with the default
 Gaussian prior) are summed in one fused computation over all such sites with the same scale (and,
 for i.i.d. priors, the same scalar parameters, which are then not copied) instead of one small
 graph per site: the same sum, with a constant number of autograd nodes (and, for the i.i.d.
 prior, no full-size temporaries: :mod:`pyro_llm.infer.normal_kl`).
-``tests/test_elbo.py`` checks loss and gradients against ``TraceMeanField_ELBO``.
+``tests/infer/test_elbo.py`` checks loss and gradients against ``TraceMeanField_ELBO`` where the two
+estimators coincide, and against closed forms where they do not.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pyro import poutine
-from pyro.distributions import Independent, Normal
+from pyro.distributions import Delta, Independent, Normal
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites
@@ -35,7 +45,7 @@ from torch.distributions.kl import _dispatch_kl
 
 from .normal_kl import iid_normal_kl_sum
 
-__all__ = ["MeanFieldELBO", "has_closed_form_kl"]
+__all__ = ["MeanFieldELBO", "has_closed_form_kl", "normal_marginal"]
 
 
 def _unwrap(q: Any, p: Any) -> tuple[type, type] | None:
@@ -105,79 +115,130 @@ def _check_reparametrized(name: str, site: dict[str, Any]) -> None:
         raise NotImplementedError(f"site {name!r}: all distributions in the guide must be fully reparameterized")
 
 
+def _base(fn: Any) -> Any:
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn
+
+
 def has_closed_form_kl(q: Any, p: Any) -> bool:
     """Whether ``kl_divergence(q, p)`` has a registered closed form (after matching ``Independent``
-    wrappers); ``False`` when unsure, which only costs a log-density evaluation."""
+    wrappers) that is the KL of ``q``'s density; ``False`` when unsure, which only costs a
+    log-density evaluation. A ``Delta`` never has one (module docstring)."""
+    if isinstance(_base(q), Delta):
+        return False
     types = _unwrap(q, p)
     return types is not None and _dispatch_kl(*types) is not NotImplemented
 
 
-class MeanFieldELBO(TraceMeanField_ELBO):
-    """``TraceMeanField_ELBO`` that evaluates log-densities only where its loss uses them."""
+def normal_marginal(guide_trace: Trace, name: str) -> tuple[Any, str | None]:
+    """The distribution of guide site ``name`` and, when it is a ``Delta`` placed exactly on an
+    auxiliary site's value (``AutoNormal`` on a real-valued site: the identity transform), that
+    auxiliary site's distribution and name instead. Found by the value's identity, not by names."""
+    site = guide_trace.nodes[name]
+    delta = _base(site["fn"])
+    if isinstance(delta, Delta):
+        value = delta.v
+        for other, aux in guide_trace.nodes.items():
+            if aux["type"] == "sample" and aux["infer"].get("is_auxiliary") and aux["value"] is value:
+                return aux["fn"], other
+    return site["fn"], None
 
-    def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
-        if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):  # GuideMessenger: Pyro's path
-            return super()._get_trace(model, guide, args, kwargs)
+
+@dataclass
+class _Plan:
+    """Which terms of the ELBO a trace pair's loss reads."""
+
+    kl: dict[str, Any] = field(default_factory=dict)  # latent site -> guide distribution of its closed-form KL
+    sampled: set[str] = field(default_factory=set)  # latent sites estimated by log p - log q
+    auxiliary: set[str] = field(default_factory=set)  # auxiliary guide sites whose log q enters
+
+
+def _plan(model_trace: Trace, guide_trace: Trace) -> _Plan:
+    plan = _Plan()
+    absorbed = set()
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        q, partner = normal_marginal(guide_trace, name)
+        if has_closed_form_kl(q, site["fn"]):
+            plan.kl[name] = q
+            if partner is not None:
+                absorbed.add(partner)
+        else:
+            plan.sampled.add(name)
+    plan.auxiliary = {n for n, s in guide_trace.nodes.items()
+                      if s["type"] == "sample" and n not in model_trace.nodes and n not in absorbed}
+    return plan
+
+
+class MeanFieldELBO(ELBO):
+    """The mean-field ELBO of the module docstring: Pyro's ``ELBO`` interface (``loss``,
+    ``differentiable_loss``, ``loss_and_grads``; ``num_particles`` and ``vectorize_particles``),
+    one closed-form KL per site where the guide's marginal has one, and the Normal/Normal KLs of
+    sites sharing a scale summed in one fused computation."""
+
+    def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> tuple[Trace, Trace]:
+        if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
+            raise NotImplementedError("MeanFieldELBO needs a callable guide; use Trace_ELBO for a GuideMessenger")
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
                                     graph_type="flat").get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample":
+                    _check_reparametrized(name, site)
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
-        sampled = set()  # latent sites whose KL is estimated from log-densities
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                if not has_closed_form_kl(guide_trace.nodes[name]["fn"], site["fn"]):
-                    sampled.add(name)
-        model_trace.compute_log_prob(lambda name, site: site["is_observed"] or name in sampled)
-        needed = sampled | {n for n, s in guide_trace.nodes.items()
-                            if s["type"] == "sample" and n not in model_trace.nodes}  # auxiliary sites
-        if needed:
-            # score parts of just these guide sites, written into the very site dicts of the trace
+        plan = _plan(model_trace, guide_trace)
+        model_trace.compute_log_prob(lambda name, site: site["is_observed"] or name in plan.sampled)
+        needed = plan.sampled | plan.auxiliary
+        if needed:  # log q of just these guide sites, written into the very site dicts of the trace
             sub = Trace(graph_type="flat")
             sub.nodes.update((n, guide_trace.nodes[n]) for n in needed)
-            sub.compute_score_parts()
+            sub.compute_log_prob()
         return model_trace, guide_trace
 
-    def _differentiable_loss_particle(self, model_trace: Any, guide_trace: Any) -> tuple[float, torch.Tensor]:
-        try:
-            return self._fused_loss_particle(model_trace, guide_trace)
-        except KeyError:  # a closed form was expected but not found: evaluate everything, as Pyro does
-            model_trace.compute_log_prob()
-            guide_trace.compute_score_parts()
-            return super()._differentiable_loss_particle(model_trace, guide_trace)
-
-    def _fused_loss_particle(self, model_trace: Any, guide_trace: Any) -> tuple[float, torch.Tensor]:
-        """``TraceMeanField_ELBO``'s particle loss, term for term, with the Normal/Normal KLs of
-        sites sharing a scale (plate or KL weight) and no mask summed in one fused computation."""
+    def _particle_loss(self, model_trace: Trace, guide_trace: Trace) -> torch.Tensor:
+        """The negative ELBO of one particle (module docstring)."""
+        plan = _plan(model_trace, guide_trace)
         elbo: torch.Tensor | float = 0.0
         fused: dict[tuple[float, tuple[int, int] | None], list[tuple[Normal, Normal]]] = {}
-        validate = is_validation_enabled()
         for name, model_site in model_trace.nodes.items():
             if model_site["type"] != "sample":
                 continue
             if model_site["is_observed"]:
                 elbo = elbo + model_site["log_prob_sum"]
-                continue
-            guide_site = guide_trace.nodes[name]
-            if validate:
-                _check_reparametrized(name, guide_site)
-            scale, mask = guide_site["scale"], guide_site["mask"]
-            pair = _normal_pair(guide_site["fn"], model_site["fn"])
-            if pair is not None and mask is None and isinstance(scale, (int, float)):
-                fused.setdefault((float(scale), _prior_key(pair[1])), []).append(pair)
-                continue
-            try:
-                kl = scale_and_mask(kl_divergence(guide_site["fn"], model_site["fn"]), scale=scale, mask=mask)
-                elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
-            except NotImplementedError:
-                elbo = elbo + model_site["log_prob_sum"] - guide_site["score_parts"].entropy_term.sum()
+            elif name in plan.sampled:
+                elbo = elbo + model_site["log_prob_sum"] - guide_trace.nodes[name]["log_prob_sum"]
+            else:
+                q, p = plan.kl[name], model_site["fn"]
+                scale, mask = guide_trace.nodes[name]["scale"], guide_trace.nodes[name]["mask"]
+                pair = _normal_pair(q, p)
+                if pair is not None and mask is None and isinstance(scale, (int, float)):
+                    fused.setdefault((float(scale), _prior_key(pair[1])), []).append(pair)
+                    continue
+                kl = scale_and_mask(kl_divergence(q, p), scale=scale, mask=mask)
+                elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * q.batch_shape.numel())
         for (scale, prior_key), pairs in fused.items():
             elbo = elbo - scale * _fused_normal_kl(pairs, scalar_prior=prior_key is not None)
-        for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites
-            if guide_site["type"] == "sample" and name not in model_trace.nodes:
-                if validate:
-                    _check_reparametrized(name, guide_site)
-                elbo = elbo - guide_site["score_parts"].entropy_term.sum()
-        return -torch_item(elbo), -elbo
+        for name in plan.auxiliary:
+            elbo = elbo - guide_trace.nodes[name]["log_prob_sum"]
+        return -elbo
+
+    def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._particle_loss(model_trace, guide_trace) / self.num_particles
+        return loss
+
+    def loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
+        return torch_item(loss)

@@ -31,6 +31,7 @@ from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from ..data.collate import EncodedDataset
+from ..guides.roles import LOC, SCALE, param_roles
 from ..models.model import BayesianLoRAModel
 from ..poutine import FlipoutMessenger, kl_weight
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -55,7 +56,8 @@ class OptimConfig:
     adam_eps: float = 1e-6
     warmup_ratio: float = 0.06
     decay: str = "linear"
-    #: BLoB's standard-deviation parameters ``G`` (params named ``*.G``) get their own optimiser.
+    #: Scale parameters (BLoB's ``G``, ``AutoNormal``'s scales: whatever the guide declares a scale,
+    #: :mod:`pyro_llm.guides.roles`) get their own optimiser.
     #: The reference uses SGD at 0.01 on ``mean NLL + pi_i KL``, i.e. about ``B`` times more KL
     #: pressure on ``G`` than the per-example exact ELBO minimised here, for 5000 steps. At 0.01
     #: the exact ELBO's ``sigma`` barely leaves its initial 0.0025 in a few hundred steps and BLoB
@@ -146,8 +148,8 @@ class SVITrainer:
             self.loss(batch, 0)
         store = dict(pyro.get_param_store().named_parameters())
         self.param_names = sorted(tr.trace.nodes)
-        g_params = [store[n] for n in self.param_names if n.endswith(".G")]
-        main = [store[n] for n in self.param_names if not n.endswith(".G")]
+        roles = param_roles(self.guide, [store[n] for n in self.param_names])
+        main, g_params = roles[LOC], roles[SCALE]
         cfg = self.config
         self.optimizers = [_optimizer(torch.optim.AdamW, main, lr=cfg.lr, eps=cfg.adam_eps,
                                       weight_decay=cfg.weight_decay)]

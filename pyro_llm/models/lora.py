@@ -7,9 +7,15 @@ saved from it) but computes its product through :func:`lora_product`, a named ef
 operation. Effect handlers such as :class:`~pyro_llm.poutine.FlipoutMessenger` intercept that
 operation by site name; nothing in torch is monkey-patched.
 
-Site names are the contract: ``<module path of the LoRA layer>.lora_A`` (and ``.lora_B``), with
-peft's ``base_model.model.`` prefix removed, e.g. ``model.layers.0.self_attn.q_proj.lora_A``.
-Layers are found by type (peft's ``LoraLayer``) and adapter name, never by string matching.
+Site names are the contract: ``<module path of the LoRA layer>.lora_A`` (and ``.lora_B``), the
+path taken from the peft model, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A``:
+peft's own parameter name of the matrix without ``.<adapter>.weight``. The full path matters.
+Pyro's autoguides store a site's parameters as nested attributes named by the site's dotted
+name, and ``AutoDelta`` sets them on the guide itself: a name whose first part is an attribute of
+the guide (Llama's ``model.``, which is ``AutoGuide.model``) would land on that attribute and never
+be registered. peft's ``base_model.`` prefix is no guide attribute, and :func:`attach_sites`
+refuses any name whose first part is. Layers are found by type (peft's ``LoraLayer``) and adapter
+name, never by string matching.
 """
 
 from __future__ import annotations
@@ -23,9 +29,8 @@ from peft.tuners.lora import LoraLayer
 from pyro.poutine.runtime import effectful
 from torch import nn
 
-__all__ = ["LoRASite", "Site", "attach_sites", "find_lora_layers", "lora_product", "site_name"]
+__all__ = ["LoRASite", "Site", "attach_sites", "check_site_name", "find_lora_layers", "lora_product", "site_name"]
 
-_PEFT_PREFIX = "base_model.model."
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -88,8 +93,23 @@ class Site:
 
 
 def site_name(module_path: str, matrix: str) -> str:
-    path = module_path[len(_PEFT_PREFIX):] if module_path.startswith(_PEFT_PREFIX) else module_path
-    return f"{path}.lora_{matrix}"
+    return f"{module_path}.lora_{matrix}"
+
+
+def _reserved_names() -> frozenset[str]:
+    """Attribute names of Pyro's autoguides: a site name may not begin with one (module docstring)."""
+    from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
+
+    return frozenset(n for cls in (AutoDelta, AutoNormal, AutoGuideList) for n in dir(cls))
+
+
+def check_site_name(name: str) -> None:
+    """Raise if Pyro's autoguides could not store parameters under ``name`` (module docstring)."""
+    head = name.split(".", 1)[0]
+    if head in _reserved_names():
+        raise ValueError(f"site name {name!r} begins with {head!r}, an attribute of Pyro's autoguides, which "
+                         "would store its parameters on that attribute; pass the peft model itself "
+                         "(get_peft_model / PeftModel), whose module paths begin with 'base_model.'")
 
 
 def find_lora_layers(model: nn.Module, adapter: str = "default") -> Iterator[tuple[str, LoraLayer]]:
@@ -112,6 +132,7 @@ def attach_sites(model: nn.Module, adapter: str = "default", b_site: bool = Fals
             holder = layer.lora_A if matrix == "A" else layer.lora_B
             current = holder[adapter]
             name = site_name(path, matrix)
+            check_site_name(name)
             if not isinstance(current, LoRASite):
                 current = LoRASite(name, current)
                 holder[adapter] = current

@@ -28,6 +28,7 @@ from typing import Iterator, Mapping
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import nn
 
@@ -89,6 +90,27 @@ class BayesianLoRAModel:
         """The current point value (peft's init, or the mean written back) of every site."""
         return {s.name: s.module.weight.detach() for s in self.sites}
 
+    def sample_prior_hyperparameters(self) -> None:
+        """Run only the priors' own sample statements (a hierarchical prior's scale, say) and not
+        the LoRA sites or the network: a Pyro model over the hyper-parameters, for a guide of
+        them (:class:`~pyro_llm.guides.BLoBGuide` puts an ``AutoNormal`` on it)."""
+        for s in self.sites:
+            self.prior.prior_dist(s.name, s.layer, s.shape)
+
+    def hyper_site_names(self) -> list[str]:
+        """The latent sites the priors sample (none for fixed priors), found by tracing
+        :meth:`sample_prior_hyperparameters` alone. A name nested under a LoRA site's name
+        (``<site>.tau``) is refused: Pyro's autoguides store a site's parameters at its dotted
+        name, where ``<site>`` already holds one (use ``<site>_tau``)."""
+        trace = poutine.trace(poutine.block(self.sample_prior_hyperparameters, hide_types=["param"])).get_trace()
+        names = [n for n, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
+        for n in names:
+            nested = [s for s in self.site_names if n.startswith(s + ".")]
+            if nested:
+                raise ValueError(f"prior hyper-parameter site {n!r} is nested under LoRA site {nested[0]!r}; "
+                                 f"Pyro's autoguides cannot store both: name it {nested[0]}_<name> instead")
+        return names
+
     def init_loc_fn(self):
         """An ``init_loc_fn`` for Pyro's autoguides that starts every site at its LoRA init
         (``A`` Kaiming-uniform). With ``init_to_median`` ``A = 0`` and ``B = 0`` is a saddle
@@ -113,6 +135,20 @@ class BayesianLoRAModel:
             for s in self.sites:
                 s.module.value = None
 
+    def _sample_shape(self, values: Mapping[str, torch.Tensor]) -> torch.Size:
+        """The batch shape the sites' values carry beyond their own shape: ``()`` normally, ``(S, 1)``
+        under a vectorised plate at dim -2 (``Predictive(parallel=True)``, vectorised ELBO particles),
+        the trailing 1 standing for the data plate."""
+        leads = {tuple(v.shape[:v.dim() - len(s.shape)]) for s in self.sites for v in (values[s.name],)}
+        if len(leads) != 1:
+            raise ValueError(f"site values carry different batch shapes {sorted(leads)}; sample every site "
+                             "under the same plates")
+        lead = torch.Size(leads.pop())
+        if lead and (len(lead) < 2 or lead[-1] != 1):
+            raise ValueError(f"site values with batch shape {tuple(lead)}: a vectorised plate must sit left of the "
+                             "data plate (dim <= -2), as Predictive(parallel=True) puts it")
+        return lead
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choice_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (float32) under whatever site values are in use."""
@@ -131,11 +167,20 @@ class BayesianLoRAModel:
                     f"Pyro's parameter store holds another tensor named {name!r} (from an earlier model); "
                     "call pyro.clear_param_store() before building a new model")
         values = {s.name: pyro.sample(s.name, self.prior.prior_dist(s.name, s.layer, s.shape)) for s in self.sites}
+        lead = self._sample_shape(values)
+        if lead:  # a vectorised plate outside the model: one pass over S stacked copies of the batch
+            copies = lead.numel()
+            values = {s.name: values[s.name].reshape(copies, *s.shape) for s in self.sites}
+            input_ids, attention_mask, choice_mask, token_type_ids = (
+                None if t is None else t.repeat(copies, *([1] * (t.dim() - 1)))
+                for t in (input_ids, attention_mask, choice_mask, token_type_ids))
         with self.use_values(values):
             logits = self.logits(input_ids, attention_mask, choice_mask, token_type_ids)
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the network produced NaN or infinite logits (diverged weights or bad input)")
-        batch = logits.shape[0]
+        if lead:
+            logits = logits.reshape(*lead[:-1], -1, logits.shape[-1])
+        batch = logits.shape[-2]
         if self.dataset_size is not None and index is not None:
             plate = pyro.plate("data", self.dataset_size, subsample=index.to(logits.device))
         else:

@@ -15,8 +15,13 @@ and keeps ``sigma * E``, so the product does not recover it as ``A - M``: with a
 ``N(0, sigma^2)`` it has without Flipout, but rows are decorrelated, which lowers the variance of
 the gradient estimate at the cost of one extra rank-``r`` product.
 
-Sites whose guide distribution is not Normal (``AutoDelta``) or products with a leading sample
-dimension pass through unchanged. Use it around whatever runs guide *and* model (an ELBO call,
+The guide's distribution of a site is Normal for :class:`~pyro_llm.guides.BLoBGuide` and for
+Pyro's ``AutoNormal`` on a real-valued site (an auxiliary ``<site>_unconstrained`` Normal, the
+site a ``Delta`` exactly on its value: the handler recognises the pair by the value's identity
+and perturbs with the auxiliary draw). Sites whose guide marginal is not Normal (``AutoDelta``'s
+point masses, a low-rank or Kronecker-factored joint) pass through unchanged, and the handler
+says so once with a :class:`FlipoutNotApplied` warning naming them; so do products with a
+leading sample dimension. Use it around whatever runs guide *and* model (an ELBO call,
 ``SVI.step``, ``Predictive``)::
 
     with flipout():
@@ -30,6 +35,7 @@ second step on it computes the products of sites that read the same input togeth
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 
-__all__ = ["FlipoutMessenger", "flipout", "flipout_product", "rademacher", "sign_table"]
+__all__ = ["FlipoutMessenger", "FlipoutNotApplied", "flipout", "flipout_product", "rademacher", "sign_table"]
 
 
 def sign_table(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -86,9 +92,18 @@ def flipout_product(x: torch.Tensor, loc: torch.Tensor, delta: torch.Tensor,
     return torch.addcmul(F.linear(x, loc), F.linear(x_flipped, delta), s_out)
 
 
-def _normal_base(fn: object) -> dist.Normal | None:
+class FlipoutNotApplied(UserWarning):
+    """Flipout was asked for, but some LoRA sites' guide distributions are not Normal marginals."""
+
+
+def _unwrap(fn: object) -> object:
     while isinstance(fn, dist.Independent):
         fn = fn.base_dist
+    return fn
+
+
+def _normal_base(fn: object) -> dist.Normal | None:
+    fn = _unwrap(fn)
     return fn if isinstance(fn, dist.Normal) else None
 
 
@@ -130,14 +145,17 @@ class FlipoutMessenger(Messenger):
         self._input: _Input | None = None
         self._groups: dict[str, tuple[str, ...]] = {}  # first site of an input -> all its sites, kept across entries
         self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._auxiliary: dict[int, tuple[dist.Normal, torch.Tensor, torch.Tensor]] = {}  # id(value) -> (q, value, noise)
+        self._skipped: dict[str, str] = {}  # site -> its guide distribution's type, when not a Normal marginal
+        self._warned: set[str] = set()
 
     def __enter__(self) -> "FlipoutMessenger":
-        self._q, self._noise, self._input = {}, {}, None
+        self._q, self._noise, self._input, self._auxiliary = {}, {}, None, {}
         return super().__enter__()
 
     def __exit__(self, *args: object) -> None:
         self._close_input()
-        self._noise = {}
+        self._noise, self._auxiliary = {}, {}
         return super().__exit__(*args)
 
     def _table(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,11 +176,26 @@ class FlipoutMessenger(Messenger):
         name = msg["name"]
         if msg["is_observed"] or msg["value"] is not None or name is None:
             return
+        if msg["infer"].get("is_auxiliary"):  # AutoNormal's <site>_unconstrained: draw it, pair it later
+            base = _normal_base(msg["fn"])
+            if base is not None and base.loc.shape == base.scale.shape == msg["fn"].shape():
+                noise = base.scale * torch.randn_like(base.loc)
+                msg["value"] = base.loc + noise
+                self._auxiliary[id(msg["value"])] = (base, msg["value"], noise)
+            return
         if self.sites is not None and name not in self.sites:
+            return
+        fn = _unwrap(msg["fn"])
+        if isinstance(fn, dist.Delta) and id(fn.v) in self._auxiliary and self._auxiliary[id(fn.v)][1] is fn.v:
+            base, value, noise = self._auxiliary[id(fn.v)]  # the identity transform of a Normal draw
+            self._q[name] = base
+            msg["value"] = value
+            self._noise[name] = (value, noise)
             return
         base = _normal_base(msg["fn"])
         if base is None:
             self._q.pop(name, None)
+            self._skipped[name] = type(fn).__name__
             return
         self._q[name] = base
         if base.loc.shape == base.scale.shape == msg["fn"].shape():  # no broadcasting: draw here
@@ -170,8 +203,22 @@ class FlipoutMessenger(Messenger):
             msg["value"] = base.loc + noise
             self._noise[name] = (msg["value"], noise)
 
+    def _warn_skipped(self, name: str) -> None:
+        """One warning per handler naming the LoRA sites Flipout leaves alone (the first one seen
+        brings the list of all skipped so far)."""
+        if name in self._warned:
+            return
+        names = sorted(n for n in self._skipped if n not in self._warned) or [name]
+        self._warned.update(names)
+        kinds = sorted({self._skipped.get(n, "?") for n in names})
+        warnings.warn(f"Flipout does not apply to {len(names)} site(s) whose guide distribution is not a Normal "
+                      f"marginal ({', '.join(kinds)}): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; "
+                      "their products use the sampled weights as they are", FlipoutNotApplied, stacklevel=2)
+
     def _pyro_lora_product(self, msg: Message) -> None:
         name = msg["name"] or ""
+        if name in self._skipped and name not in self._q:
+            self._warn_skipped(name)
         if name not in self._q or msg["done"]:
             return
         x, weight = msg["args"]

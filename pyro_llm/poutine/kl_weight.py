@@ -1,8 +1,9 @@
 """Scale the KL term of chosen latent sites: ``ELBO_w = E_q[log p(D|A)] - w * KL(q || p)``.
 
 The handler multiplies the ``scale`` of the named (unobserved) sample sites in both model and
-guide, which is how Pyro's ELBOs weight a site's KL (analytic in ``TraceMeanField_ELBO``,
-sampled in ``Trace_ELBO``). ``w = 1`` is the exact ELBO; schedules in
+guide, and of the guide's auxiliary sites (``AutoNormal``'s ``<site>_unconstrained``, a low-rank
+guide's joint latent), whose ``log q`` is part of the KL too; that is how Pyro's ELBOs weight a
+site's KL (analytic in ``TraceMeanField_ELBO``, sampled in ``Trace_ELBO``). ``w = 1`` is the exact ELBO; schedules in
 :mod:`pyro_llm.infer.kl_schedules` produce ``w`` per step.
 """
 
@@ -17,7 +18,8 @@ __all__ = ["KLWeightMessenger", "kl_weight"]
 
 
 class KLWeightMessenger(Messenger):
-    """Multiply the scale of latent sites ``sites`` (all latent sites if ``None``) by ``weight``."""
+    """Multiply the scale of latent sites ``sites`` (all latent sites if ``None``) and of auxiliary
+    guide sites by ``weight``."""
 
     def __init__(self, weight: float, sites: Iterable[str] | None = None) -> None:
         if not weight >= 0:
@@ -27,9 +29,10 @@ class KLWeightMessenger(Messenger):
         self.sites = None if sites is None else frozenset(sites)
 
     def _pyro_sample(self, msg: Message) -> None:
+        auxiliary = bool(msg["infer"].get("is_auxiliary"))
         if msg["is_observed"] and msg["name"] not in (self.sites or ()):
             return
-        if self.sites is not None and msg["name"] not in self.sites:
+        if self.sites is not None and msg["name"] not in self.sites and not auxiliary:
             return
         msg["scale"] = self.weight * msg["scale"]
 
