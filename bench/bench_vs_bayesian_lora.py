@@ -167,7 +167,7 @@ def main() -> None:
     their_lml = float(model_evidence(peft_plain_forward, torch.tensor(factors.log_likelihood), their_factors, 8, 10,
                                      torch.tensor(1.0)))
     # the linearised predictive of both posteriors at pyro-llm's marginal-likelihood prior precision
-    lam = float(optimize_prior_precision(guide, factors.log_likelihood))
+    lam = float(optimize_prior_precision(guide, "marglik", log_likelihood=factors.log_likelihood))
     preds = {"ours": lambda: glm_logit_moments(guide, test, batch_size=args.predictive_batch_size, progress=False),
              "theirs": lambda: their_predictive(peft_plain_forward, head, their_factors, test_left, 1.0 / lam, device)}
     glm_times = interleaved(preds, args.repeats, device, warmup=0)

@@ -27,12 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyro_llm.config import RunConfig  # noqa: E402
 from pyro_llm.evaluation import apply_temperature, compute_metrics, fit_temperature, mean_logits, plot_reliability  # noqa: E402
 from pyro_llm.guides import guide_median  # noqa: E402
 from pyro_llm.infer import OptimConfig  # noqa: E402
 from pyro_llm.io import atomic_write_json, load_tensors  # noqa: E402
-from pyro_llm.laplace_run import LaplaceConfig, laplace  # noqa: E402
+from pyro_llm.runs import LaplaceConfig, RunConfig, laplace  # noqa: E402
 from pyro_llm.runs import retarget_head, evaluate, load_run, load_split, train  # noqa: E402
 from pyro_llm.data import get_task  # noqa: E402
 

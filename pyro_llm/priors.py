@@ -139,14 +139,4 @@ def as_prior(prior: PriorLike) -> Prior:
     raise TypeError(f"cannot use {prior!r} as a prior")
 
 
-def prior_from_name(kind: str, scale: float) -> Prior:
-    """The CLI's ``--prior gaussian|laplace|student-t`` with ``--prior-scale``."""
-    table: dict[str, Callable[[float], Prior]] = {
-        "gaussian": lambda s: GaussianPrior(s), "laplace": lambda s: LaplacePrior(s),
-        "student-t": lambda s: StudentTPrior(3.0, s)}
-    if kind not in table:
-        raise ValueError(f"unknown prior {kind!r}; choose one of {', '.join(table)}")
-    return table[kind](scale)
-
-
-__all__ += ["prior_from_name", "PriorLike"]
+__all__ += ["PriorLike"]

@@ -165,7 +165,10 @@ def test_glm_variance_equals_dense_jacobian_algebra(laplace_model):
         J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], [values[n] for n in names],
                                                                              retain_graph=True)])
                          for c in range(logits.shape[0])]).double()
-        torch.testing.assert_close(cov[0, i], J @ cov_dense @ J.T, rtol=1e-6, atol=1e-9)
+        # J is float32 on both sides, by two routes (output gradients x inputs, summed over tokens,
+        # against autograd through the weights): each agrees with the exact Jacobian to float32's
+        # rounding accumulated over ~10^2 terms (~1e-5 relative), whatever the CPU's summation order
+        torch.testing.assert_close(cov[0, i], J @ cov_dense @ J.T, rtol=1e-4, atol=1e-4 * float(cov[0, i].abs().max()))
         torch.testing.assert_close(mean[i], logits.detach().double())
     assert (torch.diagonal(cov[1], dim1=-2, dim2=-1) <= torch.diagonal(cov[0], dim1=-2, dim2=-1) + 1e-12).all()
 
@@ -196,7 +199,7 @@ def test_marginal_likelihood_is_maximised(laplace_model):
     best = fit.guide.log_marginal_likelihood(ll, torch.tensor(lam))
     for f in (0.5, 2.0):
         assert best > fit.guide.log_marginal_likelihood(ll, torch.tensor(lam * f))
-    per_site = optimize_prior_precision(fit.guide, ll, layerwise=True)
+    per_site = optimize_prior_precision(fit.guide, "marglik", log_likelihood=ll, layerwise=True)
     assert per_site.shape == (len(model.sites),)
     assert fit.guide.log_marginal_likelihood(ll) >= best - 1e-6
 
@@ -284,6 +287,14 @@ def test_laplace_cli_on_our_map_run_and_on_a_plain_peft_adapter(tiny_llama, tmp_
     # any peft adapter: made with peft alone, base model named in its config
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(tmp_path / "untrained")
+    res = runner.invoke(cli, ["laplace", "--adapter", str(tmp_path / "untrained"), "--out", str(tmp_path / "la-init"),
+                              *common])
+    assert res.exit_code != 0 and "initialisation" in res.output  # B = 0: nothing was learnt, refused
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # as if trained
     peft.save_pretrained(tmp_path / "plain")
     res = runner.invoke(cli, ["laplace", "--adapter", str(tmp_path / "plain"), "--out", str(tmp_path / "la-plain"),
                               "--prior-precision", "val-nll", *common], catch_exceptions=False)

@@ -103,7 +103,7 @@ def test_saved_adapter_loads_with_peft(arc_model, tiny_llama, tmp_path):
     batch = _batch(data)
     for _ in range(3):
         svi.step(**batch)
-    from pyro_llm.runs import write_back_means
+    from pyro_llm.guides import write_back_means
 
     write_back_means(model, guide, batch)
     model.peft_model.save_pretrained(tmp_path / "adapter")

@@ -6,7 +6,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_llm.config import RunConfig
+from pyro_llm.runs import RunConfig
 from pyro_llm.infer import NonFiniteLossError, OptimConfig, SVITrainer
 from pyro_llm.io import CorruptFileError
 from pyro_llm.runs import RunDirExistsError, evaluate, load_run, train
@@ -31,7 +31,9 @@ def test_resume_gives_the_uninterrupted_result(tiny_llama, tmp_path, guide):
     full = _params(tmp_path / "full")
 
     # an interrupted run: stop after 3 steps (its checkpoint is the state a kill would leave)
-    from pyro_llm.runs import _build, _guide, get_task, load_examples, encode_examples, make_elbo, make_kl_schedule
+    from pyro_llm.data import encode_examples, get_task, load_examples
+    from pyro_llm.infer import ConstantKL
+    from pyro_llm.runs import ELBOS, build_for, make_guide
 
     run_dir = tmp_path / "cut"
     run_dir.mkdir()
@@ -39,9 +41,10 @@ def test_resume_gives_the_uninterrupted_result(tiny_llama, tmp_path, guide):
     pyro.clear_param_store()
     task = get_task(cfg.task)
     ex = load_examples(task, "train", limit=cfg.train_limit)
-    model, tok = _build(cfg, task, len(ex), None)
-    trainer = SVITrainer(model, _guide(cfg, model), cfg.optim, elbo=make_elbo(cfg.elbo), use_flipout=cfg.flipout,
-                         kl_schedule=make_kl_schedule("constant"), run_dir=run_dir, progress=False)
+    model, tok = build_for(cfg, task, len(ex), None)
+    trainer = SVITrainer(model, make_guide(cfg.guide, model, **cfg.guide_options), cfg.optim, elbo=ELBOS[cfg.elbo](),
+                         use_flipout=cfg.flipout,
+                         kl_schedule=ConstantKL(1.0), run_dir=run_dir, progress=False)
     trainer.fit(encode_examples(ex, tok, task.num_classes, cfg.max_length), stop_after=3)
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == 3
 

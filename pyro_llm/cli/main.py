@@ -1,4 +1,5 @@
-"""``pyro-llm``: a thin click layer over :mod:`pyro_llm.runs` and :mod:`pyro_llm.laplace_run`."""
+"""``pyro-llm``: a thin click layer over :mod:`pyro_llm.runs`; every name choice comes from
+:mod:`pyro_llm.runs.registry`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..config import PRESETS, RunConfig
+from ..curvature import KFACConfig
 from ..infer.svi import OptimConfig
+from ..runs.config import PRESETS, LaplaceConfig, RunConfig
+from ..runs.registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -50,6 +53,9 @@ def _common_model_options(fn: Any) -> Any:
         click.option("--train-limit", type=int, default=None, help="Use a seeded subset of the training split."),
         click.option("--test-limit", type=int, default=None, help="Use a seeded subset of the test split."),
         click.option("--cache-dir", default=None, help="Model cache (default ~/.cache/pyro-llm or $PYRO_LLM_CACHE)."),
+        click.option("--attn-implementation", default=None, type=click.Choice(["eager", "sdpa"]),
+                     help="Attention kernel (default: transformers' choice; eager allows double backward, "
+                          "e.g. Pyro's AutoLaplaceApproximation on the CPU)."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -59,8 +65,8 @@ def _common_model_options(fn: Any) -> Any:
 @cli.command("svi-train", context_settings=CONTEXT)
 @_common_model_options
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--guide", default="map", type=click.Choice(["map", "normal", "blob"]),
-              help="map: AutoDelta; normal: AutoNormal; blob: BLoBGuide.")
+@click.option("--guide", default="map", type=click.Choice(list(GUIDES)),
+              help="; ".join(f"{k}: {v.help}" for k, v in GUIDES.items()))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="A named recipe; explicitly given options override it.")
 @click.option("--steps", default=200)
@@ -74,13 +80,14 @@ def _common_model_options(fn: Any) -> Any:
 @click.option("--rank", default=8)
 @click.option("--alpha", default=16.0)
 @click.option("--targets", default=None, help="Comma-separated LoRA target modules (default: the model's query and value projections).")
-@click.option("--prior", default="gaussian", type=click.Choice(["gaussian", "laplace", "student-t"]))
+@click.option("--prior", default="gaussian", type=click.Choice(list(PRIORS)))
 @click.option("--prior-scale", default=0.2, help="Prior std (Gaussian) or scale.")
 @click.option("--b-site/--b-param", default=False, help="Make B a sample site too (default: a parameter).")
-@click.option("--elbo", default="meanfield", type=click.Choice(["meanfield", "trace"]),
+@click.option("--elbo", default="meanfield", type=click.Choice(list(ELBOS)),
               help="meanfield: analytic KL where available; trace: sampled KL.")
-@click.option("--flipout/--no-flipout", default=True)
-@click.option("--kl-schedule", default="constant", type=click.Choice(["constant", "linear", "blob"]))
+@click.option("--flipout/--no-flipout", default=None,
+              help="Flipout on the LoRA products. Default: on for guides with Normal marginals (normal, blob).")
+@click.option("--kl-schedule", default="constant", type=click.Choice(list(KL_SCHEDULES)))
 @click.option("--kl-weight", default=1.0, help="KL weight (constant) or final weight (linear).")
 @click.option("--kl-anneal-steps", default=0)
 @click.option("--eval-samples", default=10, help="Weight samples N at evaluation (0: mean weights).")
@@ -111,7 +118,8 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
                kl_schedule=kw["kl_schedule"], kl_weight=kw["kl_weight"], kl_anneal_steps=kw["kl_anneal_steps"],
                eval_samples=kw["eval_samples"], eval_batch_size=kw["eval_batch_size"], max_rows=kw["max_rows"],
                train_limit=kw["train_limit"], test_limit=kw["test_limit"], max_length=kw["max_length"],
-               ece_bins=kw["ece_bins"], device=kw["device"], dtype=kw["dtype"])
+               ece_bins=kw["ece_bins"], device=kw["device"], dtype=kw["dtype"],
+               attn_implementation=kw["attn_implementation"])
     for k, v in preset.items():
         if k != "optim" and k not in explicit:
             run[k] = v
@@ -140,9 +148,10 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @click.option("--dense-threshold", default=4096, help="Factors larger than this are streamed at low rank.")
 @click.option("--a-only", is_flag=True, help="Posterior over A only (default: A and B, as the paper).")
 @click.option("--prior-precision", default="marglik",
-              help="marglik, marglik-layerwise, val-nll, or a fixed positive number.")
-@click.option("--predictive", default="glm", type=click.Choice(["glm", "glm-mc", "nn", "map"]),
-              help="glm: linearised + probit; glm-mc: linearised + Monte Carlo; nn: weight samples; map.")
+              help="marglik, marglik-layerwise, val-nll, prior (1/sigma^2 of the model's Gaussian prior), "
+                   "or a fixed positive number.")
+@click.option("--predictive", default="glm", type=click.Choice(list(PREDICTIVES)),
+              help="; ".join(f"{k}: {v}" for k, v in PREDICTIVES.items()))
 @click.option("--mc-samples", default=1000, help="Logit samples of the glm-mc predictive.")
 @click.option("--eval-samples", default=10, help="Weight samples of the nn predictive.")
 @click.option("--batch-size", default=4)
@@ -151,17 +160,18 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @click.option("--overwrite", is_flag=True)
 def laplace_cmd(**kw: Any) -> None:
     """Fit a post-hoc Laplace posterior (low-rank K-FAC) to a LoRA adapter, tune its prior, evaluate."""
-    from ..laplace_run import LaplaceConfig, laplace
+    from ..runs import laplace
 
     try:
-        lcfg = LaplaceConfig(adapter=kw["adapter"], fisher=kw["fisher"], kfac_mode=kw["kfac_mode"],
-                             n_kfac=kw["n_kfac"], dense_threshold=kw["dense_threshold"], a_only=kw["a_only"],
+        kfac = KFACConfig(fisher=kw["fisher"], mode=kw["kfac_mode"], n_kfac=kw["n_kfac"],
+                          dense_threshold=kw["dense_threshold"], batch_size=kw["batch_size"])
+        lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=kfac, a_only=kw["a_only"],
                              prior_precision=kw["prior_precision"], predictive=kw["predictive"],
-                             mc_samples=kw["mc_samples"], batch_size=kw["batch_size"])
+                             mc_samples=kw["mc_samples"])
         cfg = RunConfig(task=kw["task"], model=kw["model_name"], train_limit=kw["train_limit"],
                         test_limit=kw["test_limit"], max_length=kw["max_length"], device=kw["device"],
                         dtype=kw["dtype"], eval_samples=kw["eval_samples"], ece_bins=kw["ece_bins"],
-                        optim=OptimConfig(seed=kw["seed"]))
+                        attn_implementation=kw["attn_implementation"], optim=OptimConfig(seed=kw["seed"]))
         result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
         _fail(err)
@@ -181,7 +191,8 @@ def zero_shot_cmd(**kw: Any) -> None:
 
     try:
         cfg = RunConfig(task=kw["task"], model=kw["model_name"], test_limit=kw["test_limit"],
-                        max_length=kw["max_length"], device=kw["device"], dtype=kw["dtype"])
+                        max_length=kw["max_length"], device=kw["device"], dtype=kw["dtype"],
+                        attn_implementation=kw["attn_implementation"])
         _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
         _fail(err)
@@ -199,7 +210,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
               "Repeat for out-of-distribution tasks.")
 @click.option("--split", default="test", type=click.Choice(["train", "validation", "test"]))
 @click.option("--samples", type=int, default=None, help="Weight samples N (default: the run's; 0: mean).")
-@click.option("--predictive", default=None, type=click.Choice(["glm", "glm-mc", "nn", "map"]),
+@click.option("--predictive", default=None, type=click.Choice(list(PREDICTIVES)),
               help="Laplace runs: predictive to use (default: the run's).")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the split.")
 @click.option("--device", default=None)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.collate import EncodedDataset
-from ..guides.factory import guide_median, guide_sample
+from ..guides.ops import guide_median, guide_sample
 from ..models.model import BayesianLoRAModel
 
 __all__ = ["predict_proba", "mean_logits"]

@@ -1,7 +1,11 @@
-"""Guides over the LoRA sites: BLoB, Laplace, and Pyro's autoguides by name."""
+"""Guides over the LoRA sites: BLoB and Laplace, the parameter-role protocol, and the operations
+every guide (Pyro's autoguides included) supports. Guides by name are the run layer's registry
+(:mod:`pyro_llm.runs.registry`)."""
 
 from .blob import BLoBGuide
 from .laplace import KroneckerNormal, LaplaceGuide
-from .factory import GUIDES, guide_median, guide_sample, make_guide
+from .ops import guide_median, guide_sample, write_back_means
+from .roles import DeclaresParamGroups, param_roles
 
-__all__ = ["BLoBGuide", "KroneckerNormal", "LaplaceGuide", "GUIDES", "guide_median", "guide_sample", "make_guide"]
+__all__ = ["BLoBGuide", "DeclaresParamGroups", "KroneckerNormal", "LaplaceGuide", "guide_median", "guide_sample",
+           "param_roles", "write_back_means"]

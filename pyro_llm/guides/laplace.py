@@ -12,7 +12,7 @@ linearised predictive is in :mod:`pyro_llm.evaluation.glm`.
 
 Usage::
 
-    guide = fit_laplace(model, train_data)            # K-FAC + marginal-likelihood lambda
+    guide = fit_laplace(model, train_data, guide=map_guide).guide   # K-FAC + marginal-likelihood lambda
     probs = predict_proba(model, guide, test_data, num_samples=10)
 """
 

@@ -2,12 +2,13 @@
 
 from .elbo import MeanFieldELBO
 from .checkpoint import find_checkpoint, load_checkpoint, load_params, save_checkpoint, save_params
-from .schedules import (BlobKLReweighting, ConstantKL, KLSchedule, LinearKLAnnealing, make_kl_schedule,
-                        warmup_decay)
-from .svi import NonFiniteLossError, OptimConfig, SVITrainer, make_elbo
+from .schedules import (BlobKLReweighting, ConstantKL, KLSchedule, LinearKLAnnealing, warmup_decay)
+from .laplace import LaplaceFit, fit_laplace, optimize_prior_precision, prior_precision_of
+from .svi import NonFiniteLossError, OptimConfig, SVITrainer
 
 __all__ = [
+    "LaplaceFit", "fit_laplace", "optimize_prior_precision", "prior_precision_of",
     "BlobKLReweighting", "ConstantKL", "KLSchedule", "LinearKLAnnealing", "MeanFieldELBO", "NonFiniteLossError",
-    "OptimConfig", "SVITrainer", "find_checkpoint", "load_checkpoint", "load_params", "make_elbo",
-    "make_kl_schedule", "save_checkpoint", "save_params", "warmup_decay",
+    "OptimConfig", "SVITrainer", "find_checkpoint", "load_checkpoint", "load_params", 
+    "save_checkpoint", "save_params", "warmup_decay",
 ]

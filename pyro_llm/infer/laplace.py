@@ -1,25 +1,45 @@
 """Fitting the Laplace guide: K-FAC at the MAP, then the prior precision.
 
-``fit_laplace`` returns a :class:`~pyro_llm.guides.LaplaceGuide`, as Pyro's
-``AutoLaplaceApproximation.laplace_approximation()`` returns a guide. The prior precision
-``lambda`` (scalar or one per site) maximises the Laplace evidence (Adam on ``log lambda``,
-lr 0.1, 100 steps, the reference settings) or, alternatively, minimises the validation NLL of
-the GLM predictive over a log-spaced grid.
+The path from a trained MAP guide to a Laplace posterior is three lines::
+
+    from pyro_llm.infer import fit_laplace
+    fit = fit_laplace(model, train, guide=map_guide)      # writes the MAP means back, then K-FAC
+    probs = predict_proba(model, fit.guide, test, num_samples=10)
+
+``fit_laplace`` returns a :class:`LaplaceFit` (the :class:`~pyro_llm.guides.LaplaceGuide`, the
+K-FAC factors and the evidence). Without ``guide`` it fits at the model's current point values (a
+loaded adapter) and refuses an adapter still at LoRA's initialisation (every ``B = 0``), where the
+curvature says nothing about fine-tuning.
+
+The prior is the model's: a zero-mean Gaussian prior of standard deviation ``sigma`` is the prior
+precision ``lambda = 1 / sigma^2``, used as it is or as the starting point of
+:func:`optimize_prior_precision`, which maximises the Laplace evidence (``"marglik"``: Adam on
+``log lambda`` at lr 0.1, the reference settings, until it stops moving: the reference's 100 steps
+do not reach the optimum from a Gaussian prior's ``lambda = 25``) or minimises the validation NLL of the
+GLM predictive over a log-spaced grid (``"val-nll"``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..curvature.kfac import KFACConfig, KFACFactors, fit_kfac
 from ..curvature.kron import KronBlock
 from ..data.collate import EncodedDataset
+from ..evaluation.glm import glm_logit_moments, probit_probs
+from ..guides.ops import write_back_means
 from ..guides.laplace import LaplaceGuide
 from ..models.model import BayesianLoRAModel
+from ..priors import IIDPrior
 
-__all__ = ["LaplaceFit", "fit_laplace", "optimize_prior_precision", "blocks_from_factors"]
+__all__ = ["LaplaceFit", "PRIOR_PRECISION_METHODS", "blocks_from_factors", "fit_laplace", "optimize_prior_precision",
+           "prior_precision_of"]
+
+#: How :func:`optimize_prior_precision` tunes ``lambda``.
+PRIOR_PRECISION_METHODS = ("marglik", "val-nll")
 
 
 @dataclass
@@ -29,41 +49,119 @@ class LaplaceFit:
     log_marginal_likelihood: float
 
 
+def prior_precision_of(model: BayesianLoRAModel) -> float:
+    """``1 / sigma^2`` of the model's prior when it is one zero-mean Gaussian for every entry of
+    every site (:class:`~pyro_llm.priors.GaussianPrior`); a clear error otherwise."""
+    prior = model.prior
+    base = getattr(prior, "base", None)
+    if isinstance(prior, IIDPrior) and type(base).__name__ == "Normal" and float(base.loc) == 0.0:
+        return float(1.0 / base.scale ** 2)
+    raise ValueError(f"the Laplace approximation needs a zero-mean i.i.d. Gaussian prior to read its precision "
+                     f"from, and the model's prior is {prior!r}: pass prior_precision=<number>, 'marglik' or 'val-nll'")
+
+
 def blocks_from_factors(model: BayesianLoRAModel, factors: KFACFactors,
                         values: dict[str, torch.Tensor] | None = None) -> dict[str, KronBlock]:
     values = values if values is not None else model.point_values()
     return {name: KronBlock(values[name].detach().clone(), *factors.factors[name]) for name in model.site_names}
 
 
-def optimize_prior_precision(guide: LaplaceGuide, log_likelihood: float, *, layerwise: bool = False,
-                             init: float = 1.0, steps: int = 100, lr: float = 0.1) -> torch.Tensor:
-    """Maximise the evidence over ``log lambda``; sets and returns the optimum."""
+def _by_marglik(guide: LaplaceGuide, log_likelihood: float, layerwise: bool, init: float, steps: int,
+                lr: float) -> torch.Tensor:
     n = len(guide.model.sites) if layerwise else 1
     log_lam = torch.full((n,), float(torch.log(torch.tensor(init))), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([log_lam], lr=lr)
     for _ in range(steps):
+        before = log_lam.detach().clone()
         opt.zero_grad()
         loss = -guide.log_marginal_likelihood(log_likelihood, log_lam.exp())
         loss.backward()
         opt.step()
+        if (log_lam.detach() - before).abs().max() < 1e-5 * lr:  # converged
+            break
     lam = log_lam.detach().exp()
-    guide.set_prior_precision(lam if layerwise else lam[0])
+    return lam if layerwise else lam[0]
+
+
+def _by_validation_nll(guide: LaplaceGuide, validation: EncodedDataset, batch_size: int, progress: bool
+                       ) -> torch.Tensor:
+    grid = torch.logspace(-2, 4, 25, dtype=torch.float64)
+    mean, cov = glm_logit_moments(guide, validation, grid, batch_size=batch_size, progress=progress)
+    nll = torch.stack([-probit_probs(mean, c).gather(1, validation.labels[:, None]).clamp_min(1e-12).log().mean()
+                       for c in cov])
+    return grid[int(nll.argmin())]
+
+
+def optimize_prior_precision(guide: LaplaceGuide, method: str = "marglik", *, log_likelihood: float | None = None,
+                             validation: EncodedDataset | None = None, layerwise: bool = False,
+                             init: float | None = None, steps: int = 2000, lr: float = 0.1, batch_size: int = 4,
+                             progress: bool = False) -> torch.Tensor:
+    """Tune the guide's prior precision; sets and returns it.
+
+    :param method: ``"marglik"`` (needs ``log_likelihood``, the K-FAC pass's ``log p(D | W*)``;
+        ``layerwise`` gives one ``lambda`` per site) or ``"val-nll"`` (needs ``validation``).
+    :param init: the evidence search's start (default: the guide's current precision).
+    """
+    if method == "marglik":
+        if log_likelihood is None:
+            raise ValueError("method 'marglik' needs the log-likelihood at the MAP (LaplaceFit.factors.log_likelihood)")
+        start = float(guide.prior_precision.reshape(-1)[0]) if init is None else init
+        lam = _by_marglik(guide, log_likelihood, layerwise, start, steps, lr)
+    elif method == "val-nll":
+        if validation is None or len(validation) == 0:
+            raise ValueError("method 'val-nll' needs a non-empty validation set")
+        if layerwise:
+            raise ValueError("method 'val-nll' tunes one scalar prior precision; layerwise needs 'marglik'")
+        lam = _by_validation_nll(guide, validation, batch_size, progress)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(PRIOR_PRECISION_METHODS)}")
+    guide.set_prior_precision(lam)
     return guide.prior_precision
 
 
-def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACConfig = KFACConfig(), *,
-                prior_precision: str | float = "marglik", layerwise: bool = False, progress: bool = True,
-                generator: torch.Generator | None = None) -> LaplaceFit:
-    """K-FAC Laplace around the model's current point values (the MAP adapter).
+def _at_initialisation(model: BayesianLoRAModel) -> bool:
+    """Every ``B`` is zero: peft's initialisation, where the adapter has learnt nothing."""
+    bs = [p for name, p in model.params.items() if ".lora_B." in name]
+    bs += [s.module.weight for s in model.sites if s.matrix == "B"]
+    return bool(bs) and all(not b.detach().any() for b in bs)
 
-    :param prior_precision: ``"marglik"`` (evidence maximisation) or a fixed positive value.
-    :param layerwise: one ``lambda`` per site instead of a scalar (``"marglik"`` only).
+
+def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACConfig = KFACConfig(), *,
+                guide: Any = None, prior_precision: str | float | None = "marglik", layerwise: bool = False,
+                validation: EncodedDataset | None = None, progress: bool = True,
+                generator: torch.Generator | None = None) -> LaplaceFit:
+    """K-FAC Laplace around the MAP (module docstring).
+
+    :param guide: the trained point guide (``AutoDelta``, or any guide with ``median``); its
+        estimate is written into the model first. ``None``: the model's current point values.
+    :param prior_precision: ``None`` (the model's Gaussian prior, ``1 / sigma^2``), a positive
+        number, or a method of :func:`optimize_prior_precision` started from the prior's value.
+    :param layerwise: one ``lambda`` per site (``"marglik"`` only).
+    :param validation: the validation set of ``"val-nll"``.
     """
+    if guide is not None:
+        write_back_means(model, guide, train.batch(torch.arange(min(2, len(train))), model.device))
+    elif _at_initialisation(model):
+        raise ValueError("the adapter is at LoRA's initialisation (every B is zero): pass the trained guide "
+                         "(fit_laplace(model, data, guide=guide)) or build the model from a trained adapter")
+    if isinstance(prior_precision, str) and prior_precision not in PRIOR_PRECISION_METHODS:
+        raise ValueError(f"prior_precision must be None, a positive number or one of "
+                         f"{', '.join(PRIOR_PRECISION_METHODS)}, got {prior_precision!r}")
+    if isinstance(prior_precision, (int, float)) and not (0 < float(prior_precision) < float("inf")):
+        raise ValueError(f"prior_precision must be positive and finite, got {prior_precision}")
     factors = fit_kfac(model, train, config, progress=progress, generator=generator)
-    guide = LaplaceGuide(model, blocks_from_factors(model, factors), 1.0)
-    if prior_precision == "marglik":
-        optimize_prior_precision(guide, factors.log_likelihood, layerwise=layerwise)
-    else:
-        guide.set_prior_precision(float(prior_precision))
-    lml = float(guide.log_marginal_likelihood(factors.log_likelihood))
-    return LaplaceFit(guide, factors, lml)
+    try:
+        start = prior_precision_of(model)
+    except ValueError:
+        if prior_precision is None:
+            raise
+        start = 1.0
+    fitted = LaplaceGuide(model, blocks_from_factors(model, factors), start)
+    if isinstance(prior_precision, str):
+        optimize_prior_precision(fitted, prior_precision, log_likelihood=factors.log_likelihood,
+                                 validation=validation, layerwise=layerwise, batch_size=config.batch_size,
+                                 progress=progress)
+    elif prior_precision is not None:
+        fitted.set_prior_precision(float(prior_precision))
+    lml = float(fitted.log_marginal_likelihood(factors.log_likelihood))
+    return LaplaceFit(fitted, factors, lml)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-__all__ = ["KLSchedule", "ConstantKL", "LinearKLAnnealing", "BlobKLReweighting", "make_kl_schedule",
+__all__ = ["KLSchedule", "ConstantKL", "LinearKLAnnealing", "BlobKLReweighting", 
            "warmup_decay"]
 
 
@@ -59,18 +59,6 @@ class BlobKLReweighting:
         i = step % m + 1
         log_pi = i * math.log(2.0) - ((m + 1) * math.log(2.0) + math.log1p(-(2.0 ** -(m + 1))))
         return self.dataset_size * math.exp(log_pi)
-
-
-def make_kl_schedule(kind: str, *, weight: float = 1.0, anneal_steps: int = 0, dataset_size: int = 1,
-                     batch_size: int = 1) -> KLSchedule:
-    """The CLI's ``--kl-schedule constant|linear|blob``."""
-    if kind == "constant":
-        return ConstantKL(weight)
-    if kind == "linear":
-        return LinearKLAnnealing(anneal_steps, 0.0, weight)
-    if kind == "blob":
-        return BlobKLReweighting(dataset_size, max(dataset_size // batch_size, 1))
-    raise ValueError(f"unknown KL schedule {kind!r}; choose one of constant, linear, blob")
 
 
 def warmup_decay(total_steps: int, warmup_ratio: float, decay: str = "linear") -> Callable[[int], float]:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import ELBO
 from torch import distributed as dist
 from tqdm.auto import tqdm
 
@@ -38,7 +38,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .schedules import KLSchedule, ConstantKL, warmup_decay
 from .elbo import MeanFieldELBO
 
-__all__ = ["NonFiniteLossError", "OptimConfig", "SVITrainer", "make_elbo"]
+__all__ = ["NonFiniteLossError", "OptimConfig", "SVITrainer"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,17 +75,6 @@ class OptimConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.g_optimizer not in ("sgd", "adamw"):
             raise ValueError(f"g_optimizer must be 'sgd' or 'adamw', got {self.g_optimizer!r}")
-
-
-def make_elbo(kind: str = "meanfield", num_particles: int = 1) -> ELBO:
-    """``meanfield``: :class:`MeanFieldELBO`, Pyro's ``TraceMeanField_ELBO`` estimator (closed-form
-    KL where one exists, sampled otherwise) without its unused log-densities;
-    ``trace``: ``Trace_ELBO`` (sampled KL)."""
-    if kind == "meanfield":
-        return MeanFieldELBO(num_particles=num_particles)
-    if kind == "trace":
-        return Trace_ELBO(num_particles=num_particles)
-    raise ValueError(f"unknown ELBO {kind!r}; choose meanfield or trace")
 
 
 def _optimizer(cls: type[torch.optim.Optimizer], params: list[torch.Tensor], **kwargs: Any) -> torch.optim.Optimizer:

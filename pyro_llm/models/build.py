@@ -63,6 +63,7 @@ def build_model(
     adapter_dir: str | os.PathLike | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[BayesianLoRAModel, PreTrainedTokenizerBase]:
     """Load ``model_name``, add LoRA (fresh, seeded, or from a peft ``adapter_dir``) and wrap it.
 
@@ -71,12 +72,13 @@ def build_model(
     """
     if task.kind == CLASSIFICATION:
         base, tok = load_sequence_classifier(model_name, task.num_classes, device=device, dtype=dtype, cache=cache,
-                                             trust_remote_code=trust_remote_code, seed=seed)
+                                             trust_remote_code=trust_remote_code, seed=seed,
+                                             attn_implementation=attn_implementation)
         head = SequenceClassificationHead()
         task_type = TaskType.SEQ_CLS
     else:
         base, tok = load_causal_lm(model_name, device=device, dtype=dtype, cache=cache,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
         head = AnswerTokenHead(answer_token_ids(tok, answer_strings(task.num_classes)))
         task_type = TaskType.CAUSAL_LM
     if adapter_dir is not None:

@@ -171,6 +171,14 @@ def _load_tokenizer(path: str, trust_remote_code: bool, padding_side: str) -> Pr
     return tok
 
 
+def _attn(attn_implementation: str | None) -> dict[str, str]:
+    if attn_implementation is None:
+        return {}
+    if attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}")
+    return {"attn_implementation": attn_implementation}
+
+
 def load_causal_lm(
     name: str,
     *,
@@ -178,14 +186,18 @@ def load_causal_lm(
     dtype: str | torch.dtype = "float32",
     cache: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer (right padding, left truncation: prompts end in ``Answer:``)."""
+    """Load a causal LM and its tokenizer (right padding, left truncation: prompts end in ``Answer:``).
+    ``attn_implementation`` (``"eager"``, ``"sdpa"``; ``None``: transformers' choice) picks the
+    attention kernel: SDPA has no double backward on the CPU, which a Hessian (Pyro's
+    ``AutoLaplaceApproximation``) needs."""
     path = resolve_model_path(name, cache)
     try:
         tok = _load_tokenizer(path, trust_remote_code, padding_side="right")
         tok.truncation_side = "left"
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **_attn(attn_implementation)
         )
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from err
@@ -203,16 +215,18 @@ def load_sequence_classifier(
     cache: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an encoder with a freshly initialised ``num_labels`` classification head (seeded)."""
+    """Load an encoder with a freshly initialised ``num_labels`` classification head (seeded);
+    ``attn_implementation`` as in :func:`load_causal_lm`."""
     path = resolve_model_path(name, cache)
     try:
         tok = _load_tokenizer(path, trust_remote_code, padding_side="right")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-            )
+                path, num_labels=num_labels, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                **_attn(attn_implementation))
     except (OSError, ValueError) as err:
         raise _not_found(name, err) from err
     if model.config.pad_token_id is None:  # decoder classifiers (Llama) find the last token by it

@@ -16,52 +16,24 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
 
-from .config import RunConfig
-from .curvature import KFACConfig
-from .data import TaskSpec, get_task
-from .evaluation import predict_proba
-from .evaluation.glm import glm_logit_moments, mc_probs, probit_probs
-from .guides import LaplaceGuide
-from .infer.laplace import fit_laplace
-from .io import atomic_write_json
-from .models import build_model, lora_options_from_adapter, resolve_device
-from .runs import load_split, prepare_run_dir, read_config, score
+from ..data import TaskSpec, get_task
+from ..evaluation import predict_proba
+from ..evaluation.glm import glm_logit_moments, mc_probs, probit_probs
+from ..guides import LaplaceGuide
+from ..infer.laplace import fit_laplace
+from ..io import atomic_write_json
+from ..models import build_model, lora_options_from_adapter, resolve_device
+from .common import load_split, prepare_run_dir, read_config, score
+from .config import LaplaceConfig, RunConfig
 
-__all__ = ["LaplaceConfig", "LaplaceRun", "laplace", "load_laplace_run", "resolve_adapter"]
-
-PREDICTIVES = ("glm", "glm-mc", "nn", "map")
-
-
-@dataclass
-class LaplaceConfig:
-    adapter: str = ""
-    fisher: str = "mc"
-    kfac_mode: str = "reduce"
-    n_kfac: int = 10
-    dense_threshold: int = 4096
-    a_only: bool = False
-    prior_precision: str = "marglik"  # marglik | marglik-layerwise | val-nll | <float>
-    predictive: str = "glm"
-    mc_samples: int = 1000
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.predictive not in PREDICTIVES:
-            raise ValueError(f"unknown predictive {self.predictive!r}; choose one of {', '.join(PREDICTIVES)}")
-        if self.prior_precision not in ("marglik", "marglik-layerwise", "val-nll"):
-            try:
-                if float(self.prior_precision) <= 0:
-                    raise ValueError
-            except ValueError:
-                raise ValueError(f"--prior-precision must be marglik, marglik-layerwise, val-nll or a positive "
-                                 f"number, got {self.prior_precision!r}") from None
+__all__ = ["LaplaceRun", "laplace", "load_laplace_run", "resolve_adapter"]
 
 
 def resolve_adapter(adapter: str | Path, model: str | None) -> tuple[Path, str, RunConfig | None]:
@@ -117,16 +89,7 @@ def _build(cfg: RunConfig, lcfg: LaplaceConfig, task: TaskSpec, adapter_dir: Pat
     pyro.clear_param_store()
     return build_model(base, task, lora=lora_options_from_adapter(adapter_dir), b_site=not lcfg.a_only,
                        dataset_size=dataset_size, device=resolve_device(cfg.device), dtype=cfg.dtype, cache=cache,
-                       adapter_dir=adapter_dir, seed=cfg.optim.seed)
-
-
-def _tune_by_validation(run: LaplaceRun, progress: bool) -> float:
-    val = load_split(run.config, run.task, "validation", run.tokenizer, None)
-    grid = torch.logspace(-2, 4, 25, dtype=torch.float64)
-    mean, cov = glm_logit_moments(run.guide, val, grid, batch_size=run.lconfig.batch_size, progress=progress)
-    nll = torch.stack([-probit_probs(mean, c).gather(1, val.labels[:, None]).clamp_min(1e-12).log().mean()
-                       for c in cov])
-    return float(grid[int(nll.argmin())])
+                       adapter_dir=adapter_dir, seed=cfg.optim.seed, attn_implementation=cfg.attn_implementation)
 
 
 def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: str | None = None,
@@ -143,18 +106,18 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
     net, tok = _build(cfg, lcfg, task, run_dir / "adapter", base, cache, None)
     train = load_split(cfg, task, "train", tok, cfg.train_limit)
     net.dataset_size = len(train)
-    kcfg = KFACConfig(fisher=lcfg.fisher, mode=lcfg.kfac_mode, n_kfac=lcfg.n_kfac,
-                      dense_threshold=lcfg.dense_threshold, batch_size=lcfg.batch_size)
     start = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
-    fixed = lcfg.prior_precision not in ("marglik", "marglik-layerwise", "val-nll")
-    fit = fit_laplace(net, train, kcfg, prior_precision=float(lcfg.prior_precision) if fixed else "marglik",
-                      layerwise=lcfg.prior_precision == "marglik-layerwise", progress=progress,
+    method = lcfg.prior_precision
+    tuned = method in ("marglik", "marglik-layerwise", "val-nll")
+    validation = load_split(cfg, task, "validation", tok, None) if method == "val-nll" else None
+    fit = fit_laplace(net, train, lcfg.kfac,
+                      prior_precision=("marglik" if method == "marglik-layerwise" else method) if tuned
+                      else None if method == "prior" else float(method),
+                      layerwise=method == "marglik-layerwise", validation=validation, progress=progress,
                       generator=gen if net.device.type == "cpu" else None)
     fit_seconds = time.perf_counter() - start
     run = LaplaceRun(net, fit.guide, tok, cfg, lcfg, task, run_dir)
-    if lcfg.prior_precision == "val-nll":
-        fit.guide.set_prior_precision(_tune_by_validation(run, progress))
     fit.guide.save(run_dir / "laplace" / "guide.safetensors")
     lml = float(fit.guide.log_marginal_likelihood(fit.factors.log_likelihood))
     atomic_write_json(run_dir / "laplace" / "fit.json", {
@@ -169,7 +132,7 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
 def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | None = None) -> LaplaceRun:
     raw = read_config(run_dir)
     cfg = RunConfig.from_dict(raw["run"])
-    lcfg = LaplaceConfig(**raw["laplace"])
+    lcfg = LaplaceConfig.from_dict(raw["laplace"])
     if device is not None:
         cfg.device = device
     task = get_task(cfg.task)
