@@ -102,8 +102,6 @@ class BLoBGuide:
         store = dict(pyro.get_param_store().named_parameters())
         scales = [store[f"{s.name}.G"] for s in self.model.sites if f"{s.name}.G" in store]
         if self.hyper is not None:
-            from .roles import _declared
-
             scales += declared_param_groups(self.hyper).get(SCALE, [])
         return {SCALE: scales}
 

@@ -102,7 +102,8 @@ class BayesianLoRAModel:
         :meth:`sample_prior_hyperparameters` alone. A name nested under a LoRA site's name
         (``<site>.tau``) is refused: Pyro's autoguides store a site's parameters at its dotted
         name, where ``<site>`` already holds one (use ``<site>_tau``)."""
-        trace = poutine.trace(poutine.block(self.sample_prior_hyperparameters, hide_types=["param"])).get_trace()
+        with poutine.block():  # seen by this trace only, never by an enclosing one (a guide's, an ELBO's)
+            trace = poutine.trace(self.sample_prior_hyperparameters).get_trace()
         names = [n for n, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
         for n in names:
             nested = [s for s in self.site_names if n.startswith(s + ".")]
@@ -136,18 +137,20 @@ class BayesianLoRAModel:
                 s.module.value = None
 
     def _sample_shape(self, values: Mapping[str, torch.Tensor]) -> torch.Size:
-        """The batch shape the sites' values carry beyond their own shape: ``()`` normally, ``(S, 1)``
-        under a vectorised plate at dim -2 (``Predictive(parallel=True)``, vectorised ELBO particles),
-        the trailing 1 standing for the data plate."""
-        leads = {tuple(v.shape[:v.dim() - len(s.shape)]) for s in self.sites for v in (values[s.name],)}
+        """The batch shape the sites' values carry beyond their own shape, trailing ones dropped:
+        ``()`` normally, ``(S,)`` under a vectorised plate left of the data plate
+        (``Predictive(parallel=True)`` hands global sites over as ``S x shape`` or ``S x 1 x shape``;
+        vectorised ELBO particles). The logits then get shape ``S x batch x classes``."""
+        leads = set()
+        for s in self.sites:
+            lead = list(values[s.name].shape[:values[s.name].dim() - len(s.shape)])
+            while lead and lead[-1] == 1:
+                lead.pop()
+            leads.add(tuple(lead))
         if len(leads) != 1:
             raise ValueError(f"site values carry different batch shapes {sorted(leads)}; sample every site "
                              "under the same plates")
-        lead = torch.Size(leads.pop())
-        if lead and (len(lead) < 2 or lead[-1] != 1):
-            raise ValueError(f"site values with batch shape {tuple(lead)}: a vectorised plate must sit left of the "
-                             "data plate (dim <= -2), as Predictive(parallel=True) puts it")
-        return lead
+        return torch.Size(leads.pop())
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choice_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,7 +182,7 @@ class BayesianLoRAModel:
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the network produced NaN or infinite logits (diverged weights or bad input)")
         if lead:
-            logits = logits.reshape(*lead[:-1], -1, logits.shape[-1])
+            logits = logits.reshape(*lead, -1, logits.shape[-1])
         batch = logits.shape[-2]
         if self.dataset_size is not None and index is not None:
             plate = pyro.plate("data", self.dataset_size, subsample=index.to(logits.device))

@@ -1,6 +1,6 @@
 """Effect handlers: Flipout over the LoRA product and KL weighting of latent sites."""
 
-from .flipout import FlipoutMessenger, flipout, flipout_product, rademacher
+from .flipout import FlipoutMessenger, FlipoutNotApplied, flipout, flipout_product, rademacher
 from .kl_weight import KLWeightMessenger, kl_weight
 
-__all__ = ["FlipoutMessenger", "KLWeightMessenger", "flipout", "flipout_product", "kl_weight", "rademacher"]
+__all__ = ["FlipoutMessenger", "FlipoutNotApplied", "KLWeightMessenger", "flipout", "flipout_product", "kl_weight", "rademacher"]
