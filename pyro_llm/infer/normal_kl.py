@@ -11,7 +11,7 @@ site, and its gradient is elementwise::
     dKL/dm_i = (m_i - mu) / sigma^2,      dKL/ds_i = s_i / sigma^2 - 1 / s_i
 
 so :func:`iid_normal_kl_sum` computes the sums site by site (no concatenation) and writes each
-gradient straight into one tensor per site. ``tests/test_elbo.py`` checks value and gradients
+gradient straight into one tensor per site. ``tests/infer/test_elbo.py`` checks value and gradients
 (also those of a learnt prior ``mu``, ``sigma``) against ``kl_divergence`` and ``gradcheck``.
 """
 

@@ -64,7 +64,7 @@ def rademacher(shape: torch.Size | tuple[int, ...], like: torch.Tensor, table: t
     where drawing ``n`` integers and mapping them to ``+-1`` takes several passes. The signs are
     the per-row cost of Flipout; on this project's 2-core CPU the lookup took half the time of
     unpacking the bits with shifts, and words instead of single bytes took another third off
-    (0.12 against 0.17-0.23 ms for SmolLM2's 312 x 592 signs). ``tests/test_blob.py`` checks the
+    (0.12 against 0.17-0.23 ms for SmolLM2's 312 x 592 signs). ``tests/guides/test_blob.py`` checks the
     distribution.
     """
     n = math.prod(shape)
@@ -124,7 +124,7 @@ class FlipoutMessenger(Messenger):
     one draw of ``s_in`` and so one product ``x * s_in`` (and its backward). Given the signs, each
     site's perturbation is still its own independent ``N(0, sigma^2)`` (the ``E``'s and the
     ``s_out``'s are independent), so marginals, independence across sites and the decorrelation
-    across rows are unchanged (``tests/test_blob.py``).
+    across rows are unchanged (``tests/guides/test_blob.py``).
 
     The handler also remembers which sites read one input, in which order. A handler that is
     entered again (``SVITrainer`` keeps one for all its steps) computes the products of such a

@@ -15,6 +15,7 @@ from pyro import poutine
 from pyro.infer.autoguide import (AutoDelta, AutoGuideList, AutoLowRankMultivariateNormal, AutoNormal)
 
 from pyro_llm.data import encode_examples, get_task, load_examples
+from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide, guide_median
 from pyro_llm.infer import OptimConfig, SVITrainer
 from pyro_llm.models import build_model
@@ -101,6 +102,8 @@ def test_every_guide_trains_every_site(family, kind):
     assert len(guide_params) == n_params(n), guide_params
     scale_opt = trainer.optimizers[1].param_groups[0]["params"] if len(trainer.optimizers) > 1 else []
     assert len(scale_opt) == n_scales(n)
+    probs = predict_proba(model, guide, data, num_samples=2, progress=False)  # the N-sample predictive works
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(data)))
 
 
 def test_map_guide_of_the_registry_trains_a_and_b(tiny_llama):

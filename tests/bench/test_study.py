@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_study_tiny_configuration(tiny_llama, tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, str(root / "bench" / "study.py"), "--config", "tiny", "--model",
                           str(tiny_llama), "--out", str(tmp_path), "--seeds", "0", "1", "--tasks", "openbookqa", "--skip-bench"],
                          capture_output=True, text=True, timeout=900)
