@@ -1,0 +1,154 @@
+"""What every kind of run shares: the run folder, building the model from a configuration, reading
+splits, recording an evaluation, joining a process group.
+
+Run directory layout::
+
+    RUN_DIR/
+      config.json                 the resolved RunConfig (plus "kind": "svi" or "laplace")
+      adapter/                    peft adapter of the posterior mean / MAP
+                                  (adapter_config.json + adapter_model.safetensors; PeftModel loads it)
+      guide.safetensors           every pyro.param of model and guide (unconstrained values)
+      checkpoint/                 the latest training checkpoint (see pyro_llm.infer.checkpoint)
+      history.json                loss per step
+      metrics.json                {"<task>/<split>": {accuracy, ece, nll, brier, ...}}
+      predictions/<task>_<split>.safetensors   predictive probabilities and labels of each evaluation
+      reliability_<task>.png      reliability diagram of each evaluation
+      laplace/                    Laplace runs only: K-FAC factors and prior precisions
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import distributed as dist
+
+from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, load_examples
+from ..data.prompts import answer_strings
+from ..evaluation import Metrics, compute_metrics, plot_reliability
+from ..io import atomic_save_tensors, atomic_write_json
+from ..models import AnswerTokenHead, BayesianLoRAModel, LoRAOptions, answer_token_ids, build_model, resolve_device
+from .config import RunConfig
+from .registry import PRIORS
+
+__all__ = ["LoadedRun", "RunDirExistsError", "build_for", "init_distributed", "load_split", "model_name_for",
+           "prepare_run_dir", "read_config", "record_metrics", "retarget_head", "score"]
+
+log = logging.getLogger(__name__)
+
+
+class RunDirExistsError(FileExistsError):
+    """The run directory already holds a run and neither overwrite nor resume was asked for."""
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not resume:
+            raise RunDirExistsError(f"run directory {run_dir} is not empty; pass --overwrite to replace it "
+                                    "or --resume to continue its training")
+    elif resume:
+        raise FileNotFoundError(f"--resume: run directory {run_dir} does not exist or is empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def model_name_for(cfg: RunConfig, task: TaskSpec) -> str:
+    return cfg.model or task.default_model
+
+
+def build_for(cfg: RunConfig, task: TaskSpec, dataset_size: int | None, cache: str | None,
+           adapter_dir: Path | None = None) -> tuple[BayesianLoRAModel, Any]:
+    lora = LoRAOptions(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets)
+    return build_model(model_name_for(cfg, task), task, lora=lora, prior=PRIORS[cfg.prior](cfg.prior_scale),
+                       b_site=cfg.b_site, dataset_size=dataset_size, device=resolve_device(cfg.device),
+                       dtype=cfg.dtype, cache=cache, seed=cfg.optim.seed, adapter_dir=adapter_dir,
+                       attn_implementation=cfg.attn_implementation)
+
+
+def load_split(cfg: RunConfig, task: TaskSpec, split: str, tokenizer: Any, limit: int | None) -> EncodedDataset:
+    examples = load_examples(task, split, limit=limit, split_seed=cfg.split_seed)
+    if not examples:
+        raise ValueError(f"task {task.name} has no {split} examples")
+    return encode_examples(examples, tokenizer, task.num_classes, cfg.max_length)
+
+
+def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tensor, labels: torch.Tensor,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Merge one evaluation into ``metrics.json`` and draw its reliability diagram."""
+    path = run_dir / "metrics.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table[key] = {**metrics.as_dict(), **(extra or {})}
+    atomic_write_json(path, table)
+    atomic_save_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors",
+                        {"probs": probs.float(), "labels": labels})
+    plot_reliability({key: (probs, labels)}, run_dir / f"reliability_{key.replace('/', '_')}.png",
+                     n_bins=metrics.ece_bins, title=key)
+
+
+def init_distributed(cfg: RunConfig) -> int:
+    """Join the process group when launched by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1):
+    NCCL with one GPU per local rank, or gloo on CPU. Returns this process's rank (0 when alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            cfg.device = f"cuda:{local}"
+    return dist.get_rank()
+
+
+@dataclass
+class LoadedRun:
+    model: BayesianLoRAModel
+    guide: Any
+    tokenizer: Any
+    config: RunConfig
+    task: TaskSpec
+    run_dir: Path
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pyro-llm run (no config.json)")
+    return json.loads(path.read_text())
+
+
+def retarget_head(run: LoadedRun, task: TaskSpec) -> None:
+    """Point a loaded run's head at ``task`` (out-of-distribution evaluation): the answer-token
+    head of a causal LM takes the task's number of letters; a classifier must match its classes."""
+    if (task.kind == CLASSIFICATION) != (run.task.kind == CLASSIFICATION):
+        raise ValueError(f"run {run.run_dir} was trained on a {run.task.kind} task; {task.name} is {task.kind}")
+    if task.kind == CLASSIFICATION:
+        if task.num_classes != run.task.num_classes:
+            raise ValueError(f"{task.name} has {task.num_classes} classes; the run's classifier has {run.task.num_classes}")
+        return
+    run.model.head = AnswerTokenHead(answer_token_ids(run.tokenizer, answer_strings(task.num_classes)))
+
+
+def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any, suffix: str = "",
+          extra: dict[str, Any] | None = None) -> tuple[Metrics, torch.Tensor]:
+    """The evaluation every run kind shares: point the head at ``task``, read ``split``, predict
+    with ``predict(data) -> probs``, then record metrics, predictions and the reliability diagram
+    under ``<task>/<split><suffix>``."""
+    cfg = run.config
+    retarget_head(run, task)
+    data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.test_limit)
+    probs = predict(data)
+    metrics = compute_metrics(probs, data.labels, n_bins=cfg.ece_bins)
+    record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels, extra)
+    return metrics, probs
+
+
