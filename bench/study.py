@@ -31,7 +31,9 @@ from pyro_llm.evaluation import apply_temperature, compute_metrics, fit_temperat
 from pyro_llm.guides import guide_median  # noqa: E402
 from pyro_llm.infer import OptimConfig  # noqa: E402
 from pyro_llm.io import atomic_write_json, load_tensors  # noqa: E402
-from pyro_llm.runs import LaplaceConfig, RunConfig, laplace  # noqa: E402
+from pyro_llm.models import LoRAOptions  # noqa: E402
+from pyro_llm.runs import (DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, RunConfig,  # noqa: E402
+                           laplace)
 from pyro_llm.runs import retarget_head, evaluate, load_run, load_split, train  # noqa: E402
 from pyro_llm.data import get_task  # noqa: E402
 
@@ -63,11 +65,13 @@ METHODS = ["map", "temperature", "mc-dropout", "ensemble", "blob", "laplace"]
 PLOTTED = ["map", "blob", "laplace"]
 
 
-def run_config(c: dict[str, Any], task: str, seed: int, **kw: Any) -> RunConfig:
-    return RunConfig(task=task, model=c["model"], train_limit=c["train_limit"], test_limit=c["test_limit"],
-                     max_length=c["max_length"], eval_samples=c["eval_samples"], device=c["device"], dtype=c["dtype"],
+def run_config(c: dict[str, Any], task: str, seed: int, guide: str = "map", lora_dropout: float = 0.0) -> RunConfig:
+    return RunConfig(task=task, model=ModelConfig(c["model"], device=c["device"], dtype=c["dtype"]),
+                     data=DataConfig(c["train_limit"], c["test_limit"], c["max_length"]),
+                     eval=EvalConfig(samples=c["eval_samples"]), guide=GuideConfig(guide),
+                     lora=LoRAOptions(dropout=lora_dropout),
                      optim=OptimConfig(steps=c["steps"], batch_size=c["batch_size"], lr=c["lr"], seed=seed,
-                                       checkpoint_every=max(c["steps"], 1)), **kw)
+                                       checkpoint_every=max(c["steps"], 1)))
 
 
 def predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +158,7 @@ def main() -> None:
                 for method in ("map", "blob", "mc-dropout", "laplace"):
                     key = f"{name}/test"
                     if key not in json.loads((dirs[method] / "metrics.json").read_text()):
-                        evaluate(dirs[method], name, limit=c["ood_limit"], progress=False)
+                        evaluate(dirs[method], name, limit=c["ood_limit"], progress=False, record_as="")
             ts = temperature_scaled(dirs["map"], evals, c["test_limit"], c["ood_limit"], c["val_limit"])
             for name in evals:
                 key = f"{name}/test"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_save_tensors",
     "atomic_torch_save",
     "load_tensors",
+    "read_json",
     "safe_torch_load",
     "replace_dir",
 ]
@@ -91,11 +93,30 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never code."""
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never code. A file
+    that holds anything else is refused (torch's hint to pass ``weights_only=False`` is not passed
+    on: following it would run whatever code the file carries)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CorruptFileError(f"{path} holds objects other than tensors and plain containers; refused, since "
+                               "loading it could run code (pyro-llm never writes such a file)") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CorruptFileError(f"{path} is not a readable tensor file ({err})") from err
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a missing, non-UTF-8 or malformed file is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(f"{what} {path} is not UTF-8 text (byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{what} {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                               f"{err.msg})") from err
 
 
 def replace_dir(staging: Path, target: Path) -> None:

@@ -22,6 +22,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .checks import check_real
+
 __all__ = ["Prior", "IIDPrior", "GaussianPrior", "LaplacePrior", "StudentTPrior", "SitePrior", "as_prior"]
 
 
@@ -68,8 +70,8 @@ class GaussianPrior(IIDPrior):
     decay with coefficient ``1 / (2 std^2 N)`` per example; the KL to a Normal guide is closed form."""
 
     def __init__(self, std: float = 0.2, loc: float = 0.0) -> None:
-        if std <= 0:
-            raise ValueError(f"prior std must be positive, got {std}")
+        check_real("prior std", std, low=0, low_open=True)
+        check_real("prior loc", loc)
         super().__init__(dist.Normal(torch.tensor(float(loc)), torch.tensor(float(std))))
         self.std = std
 
@@ -78,8 +80,8 @@ class LaplacePrior(IIDPrior):
     """``Laplace(0, scale)`` on every entry (sparsity-promoting; the KL is estimated by sampling)."""
 
     def __init__(self, scale: float = 0.1, loc: float = 0.0) -> None:
-        if scale <= 0:
-            raise ValueError(f"prior scale must be positive, got {scale}")
+        check_real("prior scale", scale, low=0, low_open=True)
+        check_real("prior loc", loc)
         super().__init__(dist.Laplace(torch.tensor(float(loc)), torch.tensor(float(scale))))
 
 
@@ -87,8 +89,9 @@ class StudentTPrior(IIDPrior):
     """Student-t with ``df`` degrees of freedom (heavy tails; the KL is estimated by sampling)."""
 
     def __init__(self, df: float = 3.0, scale: float = 0.1, loc: float = 0.0) -> None:
-        if df <= 0 or scale <= 0:
-            raise ValueError(f"Student-t needs df > 0 and scale > 0, got df={df}, scale={scale}")
+        check_real("Student-t df", df, low=0, low_open=True)
+        check_real("prior scale", scale, low=0, low_open=True)
+        check_real("prior loc", loc)
         super().__init__(dist.StudentT(torch.tensor(float(df)), torch.tensor(float(loc)), torch.tensor(float(scale))))
 
 

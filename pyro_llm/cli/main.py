@@ -13,20 +13,40 @@ import click
 from .. import __version__
 from ..curvature import KFACConfig
 from ..infer.svi import OptimConfig
-from ..runs.config import PRESETS, LaplaceConfig, RunConfig
+from ..runs.config import PRESETS, DataConfig, EvalConfig, LaplaceConfig, ModelConfig, RunConfig
 from ..runs.registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+_RUN, _LAPLACE, _KFAC = RunConfig(), LaplaceConfig(), KFACConfig()  # the defaults the options show
 
 
-def _fail(err: Exception) -> None:
-    raise click.ClickException(f"{type(err).__name__}: {err}")
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or repr(err)
+    return f"{type(err).__name__}: {text[:600]}{'...' if len(text) > 600 else ''}"
 
 
-@click.group(context_settings=CONTEXT)
+class _Commands(click.Group):
+    """Errors print as one line naming the problem; ``pyro-llm --debug ...`` shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:  # output piped into `head`
+            sys.stderr.close()
+            raise click.exceptions.Exit(0) from None
+        except Exception as err:  # noqa: BLE001 - the CLI's boundary: every error becomes one line
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(f"{_one_line(err)}  (pyro-llm --debug ... shows the traceback)") from None
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="pyro-llm")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def cli(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(verbose: bool, debug: bool) -> None:
     """Bayesian LoRA fine-tuning of language models with Pyro (BLoB, Laplace-LoRA)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
@@ -42,18 +62,19 @@ def tasks() -> None:
 
 
 def _common_model_options(fn: Any) -> Any:
+    m, d = _RUN.model, _RUN.data
     options = [
-        click.option("--task", default="arc-easy", help="Task name (see `pyro-llm tasks`) or a .jsonl/.csv file."),
-        click.option("--model", "model_name", default=None,
+        click.option("--task", default=_RUN.task, help="Task name (see `pyro-llm tasks`) or a .jsonl/.csv file."),
+        click.option("--model", "model_name", default=m.name,
                      help="Embedded name (smollm2-135m, minilm-l6), local folder or hub id. Default: the task's."),
-        click.option("--device", default="auto", help="cpu, cuda, cuda:N, or auto."),
-        click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]),
+        click.option("--device", default=m.device, help="cpu, cuda, cuda:N, or auto."),
+        click.option("--dtype", default=m.dtype, type=click.Choice(["float32", "bfloat16"]),
                      help="Base-model dtype (LoRA and guide parameters stay float32)."),
-        click.option("--max-length", default=256, help="Tokens per example (prompts are left-truncated)."),
-        click.option("--train-limit", type=int, default=None, help="Use a seeded subset of the training split."),
-        click.option("--test-limit", type=int, default=None, help="Use a seeded subset of the test split."),
+        click.option("--max-length", default=d.max_length, help="Tokens per example (prompts are left-truncated)."),
+        click.option("--train-limit", type=int, default=d.train_limit, help="Use a seeded subset of the training split."),
+        click.option("--test-limit", type=int, default=d.test_limit, help="Use a seeded subset of the test split."),
         click.option("--cache-dir", default=None, help="Model cache (default ~/.cache/pyro-llm or $PYRO_LLM_CACHE)."),
-        click.option("--attn-implementation", default=None, type=click.Choice(["eager", "sdpa"]),
+        click.option("--attn-implementation", default=m.attn_implementation, type=click.Choice(["eager", "sdpa"]),
                      help="Attention kernel (default: transformers' choice; eager allows double backward, "
                           "e.g. Pyro's AutoLaplaceApproximation on the CPU)."),
     ]
@@ -62,41 +83,73 @@ def _common_model_options(fn: Any) -> Any:
     return fn
 
 
+#: Where each option of ``svi-train`` goes in the nested :class:`RunConfig`.
+_SVI_PATHS: dict[str, tuple[str, ...]] = {
+    "task": ("task",), "model_name": ("model", "name"), "device": ("model", "device"), "dtype": ("model", "dtype"),
+    "attn_implementation": ("model", "attn_implementation"), "b_site": ("model", "b_site"),
+    "max_length": ("data", "max_length"), "train_limit": ("data", "train_limit"), "test_limit": ("data", "test_limit"),
+    "rank": ("lora", "rank"), "alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
+    "targets": ("lora", "target_modules"), "prior": ("prior", "name"), "prior_scale": ("prior", "scale"),
+    "guide": ("guide", "name"), "flipout": ("guide", "flipout"), "elbo": ("objective", "elbo"),
+    "kl_schedule": ("objective", "kl_schedule"), "kl_weight": ("objective", "kl_weight"),
+    "kl_anneal_steps": ("objective", "kl_anneal_steps"), "eval_samples": ("eval", "samples"),
+    "eval_batch_size": ("eval", "batch_size"), "max_rows": ("eval", "max_rows"), "ece_bins": ("eval", "ece_bins"),
+    **{k: ("optim", k) for k in ("steps", "batch_size", "lr", "g_lr", "g_optimizer", "warmup_ratio", "decay",
+                                 "weight_decay", "seed", "checkpoint_every")}}
+
+
+def _nested(values: dict[str, Any], paths: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, path in paths.items():
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = values[key]
+    return out
+
+
+o, g, ob, e = _RUN.optim, _RUN.guide, _RUN.objective, _RUN.eval
+
+
 @cli.command("svi-train", context_settings=CONTEXT)
 @_common_model_options
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--guide", default="map", type=click.Choice(list(GUIDES)),
+@click.option("--guide", default=g.name, type=click.Choice(list(GUIDES)),
               help="; ".join(f"{k}: {v.help}" for k, v in GUIDES.items()))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="A named recipe; explicitly given options override it.")
-@click.option("--steps", default=200)
-@click.option("--batch-size", default=4)
-@click.option("--lr", default=1e-4, help="AdamW learning rate of means and B.")
-@click.option("--g-lr", default=1e-1, help="Learning rate of BLoB's G (the blob preset: 0.01 with its tempered KL).")
-@click.option("--g-optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]))
-@click.option("--warmup-ratio", default=0.06)
-@click.option("--decay", default="linear", type=click.Choice(["linear", "constant"]))
-@click.option("--weight-decay", default=0.0, help="AdamW decoupled weight decay (the prior already regularises).")
-@click.option("--rank", default=8)
-@click.option("--alpha", default=16.0)
-@click.option("--targets", default=None, help="Comma-separated LoRA target modules (default: the model's query and value projections).")
-@click.option("--prior", default="gaussian", type=click.Choice(list(PRIORS)))
-@click.option("--prior-scale", default=0.2, help="Prior std (Gaussian) or scale.")
-@click.option("--b-site/--b-param", default=False, help="Make B a sample site too (default: a parameter).")
-@click.option("--elbo", default="meanfield", type=click.Choice(list(ELBOS)),
+@click.option("--steps", default=o.steps)
+@click.option("--batch-size", default=o.batch_size)
+@click.option("--lr", default=o.lr, help="AdamW learning rate of means and B.")
+@click.option("--g-lr", default=o.g_lr, help="Learning rate of the guide's scales (BLoB's G; the blob preset: 0.01 "
+                                              "with its tempered KL).")
+@click.option("--g-optimizer", default=o.g_optimizer, type=click.Choice(["sgd", "adamw"]))
+@click.option("--warmup-ratio", default=o.warmup_ratio, help="Fraction of the steps spent warming up (0 to 1).")
+@click.option("--decay", default=o.decay, type=click.Choice(["linear", "constant"]))
+@click.option("--weight-decay", default=o.weight_decay, help="AdamW decoupled weight decay (the prior already regularises).")
+@click.option("--rank", default=_RUN.lora.rank)
+@click.option("--alpha", default=_RUN.lora.alpha)
+@click.option("--lora-dropout", default=_RUN.lora.dropout, help="Dropout on the LoRA input (with --guide map: MC dropout "
+                                                                 "at evaluation).")
+@click.option("--targets", default=None, help="Comma-separated LoRA target modules (default: the model's query and "
+                                              "value projections).")
+@click.option("--prior", default=_RUN.prior.name, type=click.Choice(list(PRIORS)))
+@click.option("--prior-scale", default=_RUN.prior.scale, help="Prior std (Gaussian) or scale.")
+@click.option("--b-site/--b-param", default=_RUN.model.b_site, help="Make B a sample site too (default: a parameter).")
+@click.option("--elbo", default=ob.elbo, type=click.Choice(list(ELBOS)),
               help="meanfield: analytic KL where available; trace: sampled KL.")
 @click.option("--flipout/--no-flipout", default=None,
               help="Flipout on the LoRA products. Default: on for guides with Normal marginals (normal, blob).")
-@click.option("--kl-schedule", default="constant", type=click.Choice(list(KL_SCHEDULES)))
-@click.option("--kl-weight", default=1.0, help="KL weight (constant) or final weight (linear).")
-@click.option("--kl-anneal-steps", default=0)
-@click.option("--eval-samples", default=10, help="Weight samples N at evaluation (0: mean weights).")
-@click.option("--eval-batch-size", default=8)
-@click.option("--max-rows", default=64, help="Bound on rows per forward pass when samples are batched.")
-@click.option("--ece-bins", default=15)
-@click.option("--seed", default=0)
-@click.option("--checkpoint-every", default=50)
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--kl-schedule", default=ob.kl_schedule, type=click.Choice(list(KL_SCHEDULES)))
+@click.option("--kl-weight", default=ob.kl_weight, help="KL weight (constant) or final weight (linear).")
+@click.option("--kl-anneal-steps", default=ob.kl_anneal_steps)
+@click.option("--eval-samples", default=e.samples, help="Weight samples N at evaluation (0: mean weights).")
+@click.option("--eval-batch-size", default=e.batch_size)
+@click.option("--max-rows", default=e.max_rows, help="Bound on rows per forward pass when samples are batched.")
+@click.option("--ece-bins", default=e.ece_bins)
+@click.option("--seed", default=o.seed)
+@click.option("--checkpoint-every", default=o.checkpoint_every)
+@click.option("--overwrite", is_flag=True, help="Replace the pyro-llm run in --out, once the new one is complete.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.pass_context
 def svi_train(ctx: click.Context, **kw: Any) -> None:
@@ -105,32 +158,19 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 
     explicit = {k for k in kw if ctx.get_parameter_source(k) not in
                 (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
-    preset = PRESETS.get(kw["preset"] or "", {})
-    optim_keys = {"steps", "batch_size", "lr", "g_lr", "g_optimizer", "warmup_ratio", "decay", "weight_decay",
-                  "seed", "checkpoint_every"}
-    optim = {k: kw[k] for k in optim_keys}
-    for k, v in preset.get("optim", {}).items():
-        if k not in explicit:
-            optim[k] = v
-    run = dict(task=kw["task"], model=kw["model_name"], guide=kw["guide"], rank=kw["rank"], alpha=kw["alpha"],
-               targets=tuple(kw["targets"].split(",")) if kw["targets"] else None, prior=kw["prior"],
-               prior_scale=kw["prior_scale"], b_site=kw["b_site"], elbo=kw["elbo"], flipout=kw["flipout"],
-               kl_schedule=kw["kl_schedule"], kl_weight=kw["kl_weight"], kl_anneal_steps=kw["kl_anneal_steps"],
-               eval_samples=kw["eval_samples"], eval_batch_size=kw["eval_batch_size"], max_rows=kw["max_rows"],
-               train_limit=kw["train_limit"], test_limit=kw["test_limit"], max_length=kw["max_length"],
-               ece_bins=kw["ece_bins"], device=kw["device"], dtype=kw["dtype"],
-               attn_implementation=kw["attn_implementation"])
-    for k, v in preset.items():
-        if k != "optim" and k not in explicit:
-            run[k] = v
+    kw["targets"] = tuple(t for t in kw["targets"].split(",")) if kw["targets"] else None
+    values = _nested(kw, _SVI_PATHS)
+    by_path = {path: key for key, path in _SVI_PATHS.items()}
+    for section, entries in PRESETS.get(kw["preset"] or "", {}).items():
+        for name, value in entries.items():
+            if by_path.get((section, name)) not in explicit:
+                values[section][name] = value
+    cfg = RunConfig.from_dict(values)
     try:
-        cfg = RunConfig(**run, optim=OptimConfig(**optim))
         metrics = train(cfg, kw["out"], overwrite=kw["overwrite"], resume=kw["resume"], cache=kw["cache_dir"])
     except KeyboardInterrupt:
-        raise click.ClickException(f"interrupted; the last checkpoint in {kw['out']} is intact: "
-                                   "continue with the same command and --resume") from None
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
-        _fail(err)
+        raise click.ClickException(f"interrupted; {kw['out']} keeps its last checkpoint: continue with the same "
+                                   "command and --resume") from None
     _print_metrics(metrics)
     click.echo(f"run saved to {kw['out']}")
 
@@ -140,62 +180,61 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
               help="A pyro-llm MAP run folder or any peft LoRA adapter folder.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--fisher", default="mc", type=click.Choice(["mc", "empirical"]),
+@click.option("--fisher", default=_KFAC.fisher, type=click.Choice(["mc", "empirical"]),
               help="mc: labels sampled from the model (the Fisher); empirical: true labels.")
-@click.option("--kfac-mode", default="reduce", type=click.Choice(["reduce", "expand"]),
+@click.option("--kfac-mode", default=_KFAC.mode, type=click.Choice(["reduce", "expand"]),
               help="Treatment of sequence positions (Eschenhagen et al. 2023).")
-@click.option("--n-kfac", default=10, help="Rank kept of the large K-FAC factor of each LoRA matrix.")
-@click.option("--dense-threshold", default=4096, help="Factors larger than this are streamed at low rank.")
+@click.option("--n-kfac", default=_KFAC.n_kfac, help="Rank kept of the large K-FAC factor of each LoRA matrix.")
+@click.option("--dense-threshold", default=_KFAC.dense_threshold,
+              help="Factors larger than this are streamed at low rank.")
 @click.option("--a-only", is_flag=True, help="Posterior over A only (default: A and B, as the paper).")
-@click.option("--prior-precision", default="marglik",
+@click.option("--prior-precision", default=_LAPLACE.prior_precision,
               help="marglik, marglik-layerwise, val-nll, prior (1/sigma^2 of the model's Gaussian prior), "
                    "or a fixed positive number.")
-@click.option("--predictive", default="glm", type=click.Choice(list(PREDICTIVES)),
+@click.option("--predictive", default=_LAPLACE.predictive, type=click.Choice(list(PREDICTIVES)),
               help="; ".join(f"{k}: {v}" for k, v in PREDICTIVES.items()))
-@click.option("--mc-samples", default=1000, help="Logit samples of the glm-mc predictive.")
-@click.option("--eval-samples", default=10, help="Weight samples of the nn predictive.")
-@click.option("--batch-size", default=4)
-@click.option("--ece-bins", default=15)
-@click.option("--seed", default=0)
-@click.option("--overwrite", is_flag=True)
+@click.option("--mc-samples", default=_LAPLACE.mc_samples, help="Logit samples of the glm-mc predictive.")
+@click.option("--eval-samples", default=e.samples, help="Weight samples of the nn predictive.")
+@click.option("--batch-size", default=_KFAC.batch_size)
+@click.option("--ece-bins", default=e.ece_bins)
+@click.option("--seed", default=o.seed)
+@click.option("--overwrite", is_flag=True, help="Replace the pyro-llm run in --out, once the new one is complete.")
 def laplace_cmd(**kw: Any) -> None:
     """Fit a post-hoc Laplace posterior (low-rank K-FAC) to a LoRA adapter, tune its prior, evaluate."""
     from ..runs import laplace
 
-    try:
-        kfac = KFACConfig(fisher=kw["fisher"], mode=kw["kfac_mode"], n_kfac=kw["n_kfac"],
-                          dense_threshold=kw["dense_threshold"], batch_size=kw["batch_size"])
-        lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=kfac, a_only=kw["a_only"],
-                             prior_precision=kw["prior_precision"], predictive=kw["predictive"],
-                             mc_samples=kw["mc_samples"])
-        cfg = RunConfig(task=kw["task"], model=kw["model_name"], train_limit=kw["train_limit"],
-                        test_limit=kw["test_limit"], max_length=kw["max_length"], device=kw["device"],
-                        dtype=kw["dtype"], eval_samples=kw["eval_samples"], ece_bins=kw["ece_bins"],
-                        attn_implementation=kw["attn_implementation"], optim=OptimConfig(seed=kw["seed"]))
-        result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
-        _fail(err)
+    kfac = KFACConfig(fisher=kw["fisher"], mode=kw["kfac_mode"], n_kfac=kw["n_kfac"],
+                      dense_threshold=kw["dense_threshold"], batch_size=kw["batch_size"])
+    lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=kfac, a_only=kw["a_only"], prior_precision=kw["prior_precision"],
+                         predictive=kw["predictive"], mc_samples=kw["mc_samples"])
+    cfg = RunConfig(task=kw["task"], model=_model_section(kw),
+                    data=DataConfig(train_limit=kw["train_limit"], test_limit=kw["test_limit"],
+                                    max_length=kw["max_length"]),
+                    eval=EvalConfig(samples=kw["eval_samples"], ece_bins=kw["ece_bins"]),
+                    optim=OptimConfig(seed=kw["seed"]))
+    result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
     _print_metrics({k: v for k, v in result.items() if isinstance(v, dict)})
     click.echo(f"log marginal likelihood {result['log_marginal_likelihood']:.2f}, "
                f"prior precision {result['prior_precision']}")
     click.echo(f"run saved to {kw['out']}")
 
 
+def _model_section(kw: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(name=kw["model_name"], device=kw["device"], dtype=kw["dtype"],
+                       attn_implementation=kw["attn_implementation"])
+
+
 @cli.command("zero-shot", context_settings=CONTEXT)
 @_common_model_options
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace the pyro-llm run in --out, once the new one is complete.")
 def zero_shot_cmd(**kw: Any) -> None:
     """Evaluate the base model without any adapter (the fine-tuning baseline)."""
     from ..runs import zero_shot
 
-    try:
-        cfg = RunConfig(task=kw["task"], model=kw["model_name"], test_limit=kw["test_limit"],
-                        max_length=kw["max_length"], device=kw["device"], dtype=kw["dtype"],
-                        attn_implementation=kw["attn_implementation"])
-        _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
-        _fail(err)
+    cfg = RunConfig(task=kw["task"], model=_model_section(kw),
+                    data=DataConfig(test_limit=kw["test_limit"], max_length=kw["max_length"]))
+    _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -213,21 +252,19 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 @click.option("--predictive", default=None, type=click.Choice(list(PREDICTIVES)),
               help="Laplace runs: predictive to use (default: the run's).")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the split.")
+@click.option("--seed", type=int, default=None, help="Seed of every random draw (default: the run's).")
 @click.option("--device", default=None)
 @click.option("--cache-dir", default=None)
 def evaluate(run_dir: Path, tasks_: tuple[str, ...], split: str, samples: int | None, predictive: str | None,
-             limit: int | None, device: str | None, cache_dir: str | None) -> None:
-    """Evaluate a saved run in and out of distribution; metrics go to RUN_DIR/metrics.json."""
+             limit: int | None, seed: int | None, device: str | None, cache_dir: str | None) -> None:
+    """Evaluate a saved run in and out of distribution; results go to RUN_DIR/metrics.json under
+    <task>/<split>/evaluate-<options>, beside (never over) the metrics of training."""
     from ..runs import evaluate as run_evaluate
 
-    try:
-        for task in tasks_ or (None,):
-            kwargs = {"predictive": predictive} if predictive else {}
-            m = run_evaluate(run_dir, task, split=split, samples=samples, limit=limit, device=device,
-                             cache=cache_dir, **kwargs)
-            click.echo(f"{task or 'own task'}/{split}: {m.summary()}")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        _fail(err)
+    for task in tasks_ or (None,):
+        m = run_evaluate(run_dir, task, split=split, samples=samples, limit=limit, device=device, cache=cache_dir,
+                         predictive=predictive, seed=seed)
+        click.echo(f"{task or 'own task'}/{split}: {m.summary()}")
 
 
 def main() -> None:  # pragma: no cover

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_int
 from ..data.collate import EncodedDataset
 from ..models.model import BayesianLoRAModel
 from .kron import EigenFactor
@@ -51,8 +52,9 @@ class KFACConfig:
             raise ValueError(f"fisher must be 'mc' or 'empirical', got {self.fisher!r}")
         if self.mode not in ("reduce", "expand"):
             raise ValueError(f"mode must be 'reduce' or 'expand', got {self.mode!r}")
-        if self.n_kfac < 1:
-            raise ValueError(f"n_kfac must be >= 1, got {self.n_kfac}")
+        check_int("n_kfac", self.n_kfac, low=1)
+        check_int("dense_threshold", self.dense_threshold, low=0)  # 0: stream every factor at low rank
+        check_int("batch_size", self.batch_size, low=1)
 
 
 class _SharingChanged(RuntimeError):

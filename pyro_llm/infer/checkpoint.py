@@ -10,7 +10,6 @@ Layout of ``<run>/checkpoint/``::
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyro
 import torch
 
 from ..io import CorruptFileError, atomic_save_tensors, atomic_torch_save, atomic_write_json, load_tensors, \
-    replace_dir, safe_torch_load
+    read_json, replace_dir, safe_torch_load
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "save_params", "load_params"]
 
@@ -81,10 +80,11 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[int, list[dict[str, float]], list[str], dict[str, Any]]:
     """Load params (in place) and RNG state; return ``(step, history, names, optim_state)``."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CorruptFileError(f"{path / 'state.json'} is unreadable ({err})") from err
+    state = read_json(path / "state.json", "checkpoint state")
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+            and isinstance(state.get("history"), list) and isinstance(state.get("params"), list)):
+        raise CorruptFileError(f"checkpoint state {path / 'state.json'} is not one pyro-llm wrote "
+                               "(it needs a step >= 0, a history and the parameter names)")
     names = load_params(path / "params.safetensors", state["params"])
     optim_state = safe_torch_load(path / "optim.pt")
     rng = load_tensors(path / "rng.safetensors")

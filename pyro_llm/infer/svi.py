@@ -18,6 +18,7 @@ the same ELBO (the plate scales its share by ``N / local batch``), and gradients
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from pyro.infer import ELBO
 from torch import distributed as dist
 from tqdm.auto import tqdm
 
+from ..checks import check_choice, check_int, check_real
 from ..data.collate import EncodedDataset
 from ..guides.roles import LOC, SCALE, param_roles
 from ..models.model import BayesianLoRAModel
@@ -42,7 +44,8 @@ __all__ = ["NonFiniteLossError", "OptimConfig", "SVITrainer"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; no checkpoint is written from that state."""
+    """The loss, a gradient or a parameter became NaN or infinite; no checkpoint is written from
+    that state, and the message names the step and the last good checkpoint."""
 
 
 @dataclass
@@ -71,10 +74,16 @@ class OptimConfig:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.g_optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"g_optimizer must be 'sgd' or 'adamw', got {self.g_optimizer!r}")
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("seed", self.seed, low=0)
+        for name in ("lr", "g_lr", "weight_decay"):  # 0 is allowed: e.g. a run that only evaluates
+            check_real(name, getattr(self, name), low=0)
+        check_real("adam_eps", self.adam_eps, low=0, low_open=True)
+        check_real("warmup_ratio", self.warmup_ratio, low=0, high=1)
+        check_real("grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
+        check_choice("decay", self.decay, ("linear", "constant"))
+        check_choice("g_optimizer", self.g_optimizer, ("sgd", "adamw"))
 
 
 def _optimizer(cls: type[torch.optim.Optimizer], params: list[torch.Tensor], **kwargs: Any) -> torch.optim.Optimizer:
@@ -118,6 +127,7 @@ class SVITrainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list[torch.optim.lr_scheduler.LambdaLR] = []
         self.history: list[dict[str, float]] = []
+        self.last_checkpoint = 0  # the step of the last checkpoint written or resumed from
 
     # -- the loss ----------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -197,13 +207,18 @@ class SVITrainer:
             with contextlib.nullcontext() if self.validate_every_step else pyro.validation_enabled(False):
                 loss = self.loss(batch, step)
         except FloatingPointError as err:
-            loss, reason = None, str(err)
-        if loss is None or not torch.isfinite(loss):
-            reason = reason if loss is None else f"loss is {loss.item()}"
-            raise NonFiniteLossError(f"{reason} at step {step}; lower the learning rate or check the data "
-                                     "(the last good checkpoint is kept)")
+            raise NonFiniteLossError(f"{err} at step {step}; {self._advice()}") from err
         loss.backward()
         self._average_gradients(params)
+        # one host sync for the loss the progress bar shows and the gradients' finiteness together
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
+        value, grad_norm = torch.stack([loss.detach().float(), norm.float().to(loss.device)]).tolist()
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            what = f"loss is {value}" if not math.isfinite(value) else "gradients are not finite"
+            raise NonFiniteLossError(f"{what} at step {step}; {self._advice()}")
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         for opt in self.optimizers:
@@ -211,7 +226,19 @@ class SVITrainer:
             opt.zero_grad(set_to_none=True)
         for sch in self.schedulers:
             sch.step()
-        return float(loss.detach())
+        return value
+
+    def _advice(self) -> str:
+        kept = (f"the last good checkpoint (step {self.last_checkpoint}) in {self.run_dir} is kept"
+                if self.last_checkpoint else "no checkpoint was written")
+        return f"nothing was updated from this step; {kept}; lower the learning rate or check the data"
+
+    def _check_params_finite(self, params: list[torch.Tensor], step: int) -> None:
+        """Before a checkpoint: every parameter finite (an update can overflow with finite gradients)."""
+        bad = [n for n, p in zip(self.param_names, params) if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteLossError(f"{len(bad)} parameters (first: {bad[0]}) are not finite after step {step}; "
+                                     f"{self._advice()}")
 
     def fit(self, data: EncodedDataset, *, resume: bool = False, device: torch.device | str | None = None,
             stop_after: int | None = None) -> list[dict[str, float]]:
@@ -233,6 +260,7 @@ class SVITrainer:
             if ckpt is None:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}")
             start, self.history, names, optim_state = load_checkpoint(ckpt)
+            self.last_checkpoint = start
             if names != self.param_names:
                 raise ValueError(f"checkpoint {ckpt} belongs to another model/guide (its parameters differ)")
             self.load_optim_state(optim_state)
@@ -250,6 +278,8 @@ class SVITrainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             done = step + 1
             if rank == 0 and self.run_dir is not None and (done % cfg.checkpoint_every == 0 or done == end):
+                self._check_params_finite(params, step)
                 save_checkpoint(self.run_dir, self.param_names, self.optim_state(), done, self.history)
+                self.last_checkpoint = done
         return self.history
 

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
+from ..checks import check_int, check_real
 from ..data.prompts import answer_strings
 from ..data.tasks import CLASSIFICATION, TaskSpec
 from ..priors import PriorLike
@@ -30,8 +31,13 @@ class LoRAOptions:
     target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        check_int("rank", self.rank, low=1)
+        check_real("alpha", self.alpha, low=0, low_open=True)
+        check_real("lora_dropout", self.dropout, low=0, high=0.99)
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"targets must be non-empty module names, got {self.target_modules!r}")
 
 
 #: The attention query/value projections under their names in common architectures (BLoB and

@@ -2,14 +2,15 @@
 (train, fit a Laplace posterior, evaluate, zero-shot) that the CLI calls. It sits on top of the
 library: nothing in :mod:`pyro_llm`'s other packages imports it.
 
-Modules: :mod:`.config` (RunConfig, LaplaceConfig, presets), :mod:`.registry` (names -> objects),
-:mod:`.common` (the run folder, building, scoring), :mod:`.svi`, :mod:`.laplace`,
-:mod:`.zero_shot`, :mod:`.load` (any saved run).
+Modules: :mod:`.config` (RunConfig and its sections, LaplaceConfig, presets), :mod:`.registry`
+(names -> objects), :mod:`.folder` (what a run may write and replace), :mod:`.common` (building,
+scoring), :mod:`.svi`, :mod:`.laplace`, :mod:`.zero_shot`, :mod:`.load` (any saved run).
 """
 
-from .common import LoadedRun, RunDirExistsError, build_for, load_split, prepare_run_dir, read_config, \
-    record_metrics, retarget_head
-from .config import PRESETS, LaplaceConfig, RunConfig
+from .common import LoadedRun, build_for, load_split, read_config, record_metrics, retarget_head, run_config_of
+from .config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
+                     PriorConfig, RunConfig)
+from .folder import RunDirExistsError, RunFolder, is_run
 from .laplace import LaplaceRun, laplace, load_laplace_run, resolve_adapter
 from .load import evaluate, load_run
 from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, GuideEntry, make_guide
@@ -17,8 +18,9 @@ from .svi import evaluate_loaded, load_svi_run, train
 from .zero_shot import zero_shot
 
 __all__ = [
-    "ELBOS", "GUIDES", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig", "LaplaceRun", "LoadedRun", "PREDICTIVES",
-    "PRESETS", "PRIORS", "RunConfig", "RunDirExistsError", "build_for", "evaluate", "evaluate_loaded", "laplace",
-    "load_laplace_run", "load_run", "load_split", "load_svi_run", "make_guide", "prepare_run_dir", "read_config",
-    "record_metrics", "resolve_adapter", "retarget_head", "train", "zero_shot",
+    "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
+    "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
+    "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_loaded", "is_run", "laplace",
+    "load_laplace_run", "load_run", "load_split", "load_svi_run", "make_guide", "read_config", "record_metrics",
+    "resolve_adapter", "retarget_head", "run_config_of", "train", "zero_shot",
 ]

@@ -18,10 +18,8 @@ Run directory layout::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,60 +30,46 @@ from torch import distributed as dist
 from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, load_examples
 from ..data.prompts import answer_strings
 from ..evaluation import Metrics, compute_metrics, plot_reliability
-from ..io import atomic_save_tensors, atomic_write_json
-from ..models import AnswerTokenHead, BayesianLoRAModel, LoRAOptions, answer_token_ids, build_model, resolve_device
+from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, read_json
+from ..models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, build_model, resolve_device
 from .config import RunConfig
-from .registry import PRIORS
 
-__all__ = ["LoadedRun", "RunDirExistsError", "build_for", "init_distributed", "load_split", "model_name_for",
-           "prepare_run_dir", "read_config", "record_metrics", "retarget_head", "score"]
+__all__ = ["LoadedRun", "build_for", "init_distributed", "load_split", "model_name_for", "read_config",
+           "record_metrics", "retarget_head", "run_config_of", "score", "write_config"]
 
 log = logging.getLogger(__name__)
 
 
-class RunDirExistsError(FileExistsError):
-    """The run directory already holds a run and neither overwrite nor resume was asked for."""
-
-
-def prepare_run_dir(run_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
-    if overwrite and resume:
-        raise ValueError("--overwrite and --resume exclude each other")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise RunDirExistsError(f"run directory {run_dir} is not empty; pass --overwrite to replace it "
-                                    "or --resume to continue its training")
-    elif resume:
-        raise FileNotFoundError(f"--resume: run directory {run_dir} does not exist or is empty")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_config(run_dir: Path, kind: str, cfg: RunConfig, *, state: str, **extra: Any) -> None:
+    """``config.json``: the run's kind and resolved configuration, and whether it is still running
+    (a run stopped before its first checkpoint is started afresh by its rerun, see :mod:`.folder`)."""
+    atomic_write_json(run_dir / "config.json", {"kind": kind, "state": state, "run": cfg.to_dict(), **extra})
 
 
 def model_name_for(cfg: RunConfig, task: TaskSpec) -> str:
-    return cfg.model or task.default_model
+    return cfg.model.name or task.default_model
 
 
 def build_for(cfg: RunConfig, task: TaskSpec, dataset_size: int | None, cache: str | None,
-           adapter_dir: Path | None = None) -> tuple[BayesianLoRAModel, Any]:
-    lora = LoRAOptions(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.targets)
-    return build_model(model_name_for(cfg, task), task, lora=lora, prior=PRIORS[cfg.prior](cfg.prior_scale),
-                       b_site=cfg.b_site, dataset_size=dataset_size, device=resolve_device(cfg.device),
-                       dtype=cfg.dtype, cache=cache, seed=cfg.optim.seed, adapter_dir=adapter_dir,
-                       attn_implementation=cfg.attn_implementation)
+              adapter_dir: Path | None = None) -> tuple[BayesianLoRAModel, Any]:
+    m = cfg.model
+    return build_model(model_name_for(cfg, task), task, lora=cfg.lora, prior=cfg.prior.build(), b_site=m.b_site,
+                       dataset_size=dataset_size, device=resolve_device(m.device), dtype=m.dtype, cache=cache,
+                       seed=cfg.optim.seed, adapter_dir=adapter_dir, attn_implementation=m.attn_implementation)
 
 
 def load_split(cfg: RunConfig, task: TaskSpec, split: str, tokenizer: Any, limit: int | None) -> EncodedDataset:
-    examples = load_examples(task, split, limit=limit, split_seed=cfg.split_seed)
+    examples = load_examples(task, split, limit=limit, split_seed=cfg.data.split_seed)
     if not examples:
         raise ValueError(f"task {task.name} has no {split} examples")
-    return encode_examples(examples, tokenizer, task.num_classes, cfg.max_length)
+    return encode_examples(examples, tokenizer, task.num_classes, cfg.data.max_length)
 
 
 def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tensor, labels: torch.Tensor,
                    extra: dict[str, Any] | None = None) -> None:
     """Merge one evaluation into ``metrics.json`` and draw its reliability diagram."""
     path = run_dir / "metrics.json"
-    table = json.loads(path.read_text()) if path.is_file() else {}
+    table = read_json(path, "metrics") if path.is_file() else {}
     table[key] = {**metrics.as_dict(), **(extra or {})}
     atomic_write_json(path, table)
     atomic_save_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors",
@@ -100,12 +84,12 @@ def init_distributed(cfg: RunConfig) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        use_cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
-            cfg.device = f"cuda:{local}"
+            cfg.model.device = f"cuda:{local}"
     return dist.get_rank()
 
 
@@ -123,7 +107,18 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a pyro-llm run (no config.json)")
-    return json.loads(path.read_text())
+    raw = read_json(path, "run configuration")
+    if not isinstance(raw, dict) or not isinstance(raw.get("run"), dict):
+        raise CorruptFileError(f"run configuration {path} is not one pyro-llm wrote (no 'run' section)")
+    return raw
+
+
+def run_config_of(run_dir: Path) -> RunConfig:
+    """The :class:`RunConfig` saved in a run folder; an invalid one is an error naming the file."""
+    try:
+        return RunConfig.from_dict(read_config(run_dir)["run"])
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(f"run configuration {run_dir / 'config.json'} is invalid: {err}") from err
 
 
 def retarget_head(run: LoadedRun, task: TaskSpec) -> None:
@@ -145,9 +140,9 @@ def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any,
     under ``<task>/<split><suffix>``."""
     cfg = run.config
     retarget_head(run, task)
-    data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.test_limit)
+    data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.data.test_limit)
     probs = predict(data)
-    metrics = compute_metrics(probs, data.labels, n_bins=cfg.ece_bins)
+    metrics = compute_metrics(probs, data.labels, n_bins=cfg.eval.ece_bins)
     record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels, extra)
     return metrics, probs
 

@@ -1,6 +1,9 @@
 """The resolved configuration of a run, saved as ``config.json`` beside its weights: an SVI run's
-:class:`RunConfig` (with the optimiser's :class:`~pyro_llm.infer.OptimConfig` nested) and a Laplace
-run's :class:`LaplaceConfig` (with the K-FAC pass's :class:`~pyro_llm.curvature.KFACConfig` nested).
+:class:`RunConfig` (sections for the model, data, LoRA (the library's own
+:class:`~pyro_llm.models.LoRAOptions`), prior, guide, objective, optimiser
+(:class:`~pyro_llm.infer.OptimConfig`) and evaluation) and a Laplace run's :class:`LaplaceConfig`
+(with the K-FAC pass's :class:`~pyro_llm.curvature.KFACConfig` nested). The command line builds
+these objects and takes its defaults from them; the Python API gets the same checks.
 Names (guide, prior, ELBO, KL schedule, predictive) are checked against :mod:`.registry`."""
 
 from __future__ import annotations
@@ -8,87 +11,213 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..checks import check_choice, check_int, check_real
 from ..curvature import KFACConfig
 from ..infer.laplace import PRIOR_PRECISION_METHODS
+from ..infer.schedules import KLSchedule
 from ..infer.svi import OptimConfig
-from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, lookup
+from ..models import LoRAOptions
+from ..priors import Prior
+from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, KLScheduleArgs, lookup, make_guide
 
-__all__ = ["LaplaceConfig", "PRESETS", "RunConfig"]
+__all__ = ["DataConfig", "EvalConfig", "GuideConfig", "LaplaceConfig", "ModelConfig", "ObjectiveConfig", "PRESETS",
+           "PriorConfig", "RunConfig"]
 
 
 @dataclass
-class RunConfig:
-    """Everything needed to rebuild a run's model and guide and to repeat its training."""
+class ModelConfig:
+    """The base model and where it runs."""
 
-    task: str = "arc-easy"
-    model: str | None = None  # None: the task's default (smollm2-135m, or minilm-l6 for encoders)
-    guide: str = "map"
-    rank: int = 8
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
-    targets: tuple[str, ...] | None = None
-    prior: str = "gaussian"
-    prior_scale: float = 0.2
-    b_site: bool = False
-    elbo: str = "meanfield"
-    flipout: bool | None = None  # None: on where the guide's marginals are Normal (registry.GuideEntry.flipout)
-    kl_schedule: str = "constant"
-    kl_weight: float = 1.0
-    kl_anneal_steps: int = 0
-    blob_eps: float = 0.05
-    sigma_param: str = "square"
-    normal_init_scale: float = 0.01
-    eval_samples: int = 10
-    eval_batch_size: int = 8
-    max_rows: int = 64
+    name: str | None = None  # None: the task's default (smollm2-135m, or minilm-l6 for encoders)
+    device: str = "auto"
+    dtype: str = "float32"
+    attn_implementation: str | None = None  # None: transformers' default; "eager" or "sdpa"
+    b_site: bool = False  # B a sample site too (default: a parameter)
+
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("attn_implementation", self.attn_implementation, (None, "eager", "sdpa"))
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which examples, and how long they may be."""
+
     train_limit: int | None = None
     test_limit: int | None = None
     max_length: int = 256
     split_seed: int = 0
-    ece_bins: int = 15
-    device: str = "auto"
-    dtype: str = "float32"
-    attn_implementation: str | None = None  # None: transformers' default; "eager" or "sdpa"
-    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        entry = lookup(GUIDES, self.guide, "guide")
-        lookup(PRIORS, self.prior, "prior")
-        lookup(ELBOS, self.elbo, "ELBO")
-        lookup(KL_SCHEDULES, self.kl_schedule, "KL schedule")
-        if self.attn_implementation not in (None, "eager", "sdpa"):
-            raise ValueError(f"attn_implementation must be eager or sdpa, got {self.attn_implementation!r}")
+        check_int("train_limit", self.train_limit, low=1, optional=True)
+        check_int("test_limit", self.test_limit, low=1, optional=True)
+        check_int("max_length", self.max_length, low=8)
+        check_int("split_seed", self.split_seed, low=0)
+
+
+@dataclass
+class PriorConfig:
+    """A registered prior by name (:data:`.registry.PRIORS`) and its scale."""
+
+    name: str = "gaussian"
+    scale: float = 0.2
+
+    def __post_init__(self) -> None:
+        lookup(PRIORS, self.name, "prior")
+        check_real("prior_scale", self.scale, low=0, low_open=True)
+
+    def build(self) -> Prior:
+        return PRIORS[self.name](self.scale)
+
+
+@dataclass
+class GuideConfig:
+    """A registered guide by name (:data:`.registry.GUIDES`), its options, and Flipout."""
+
+    name: str = "map"
+    flipout: bool | None = None  # None: on where the guide's marginals are Normal (registry.GuideEntry.flipout)
+    blob_eps: float = 0.05
+    sigma_param: str = "square"
+    normal_init_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        entry = lookup(GUIDES, self.name, "guide")
         if self.flipout is None:
             self.flipout = entry.flipout
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        if self.targets is not None:
-            self.targets = tuple(self.targets)
+        check_real("blob_eps", self.blob_eps, low=0, low_open=True)
+        check_choice("sigma_param", self.sigma_param, ("square", "softplus"))
+        check_real("normal_init_scale", self.normal_init_scale, low=0, low_open=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options a registered guide's ``build`` reads."""
+        return {"blob_eps": self.blob_eps, "sigma_param": self.sigma_param, "normal_init_scale": self.normal_init_scale}
+
+    def build(self, model: Any) -> Any:
+        return make_guide(self.name, model, **self.options)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The ELBO and the weight of its KL term over training."""
+
+    elbo: str = "meanfield"
+    kl_schedule: str = "constant"
+    kl_weight: float = 1.0
+    kl_anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        lookup(ELBOS, self.elbo, "ELBO")
+        lookup(KL_SCHEDULES, self.kl_schedule, "KL schedule")
+        check_real("kl_weight", self.kl_weight, low=0)
+        check_int("kl_anneal_steps", self.kl_anneal_steps, low=0)
+
+    def kl(self, dataset_size: int, batch_size: int) -> KLSchedule:
+        return KL_SCHEDULES[self.kl_schedule](KLScheduleArgs(self.kl_weight, self.kl_anneal_steps, dataset_size,
+                                                             batch_size))
+
+
+@dataclass
+class EvalConfig:
+    """The N-sample predictive and the metrics."""
+
+    samples: int = 10  # weight samples N (0: the mean weights)
+    batch_size: int = 8
+    max_rows: int = 64  # bound on rows per forward pass when samples are batched
+    ece_bins: int = 15
+
+    def __post_init__(self) -> None:
+        check_int("eval_samples", self.samples, low=0)
+        check_int("eval_batch_size", self.batch_size, low=1)
+        check_int("max_rows", self.max_rows, low=1)
+        check_int("ece_bins", self.ece_bins, low=1)
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoRAOptions, "prior": PriorConfig,
+                              "guide": GuideConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
+                              "eval": EvalConfig}
+
+#: Where each key of the flat ``config.json`` of earlier runs lives now.
+_FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "model": ("model", "name"), "device": ("model", "device"), "dtype": ("model", "dtype"),
+    "attn_implementation": ("model", "attn_implementation"), "b_site": ("model", "b_site"),
+    "train_limit": ("data", "train_limit"), "test_limit": ("data", "test_limit"),
+    "max_length": ("data", "max_length"), "split_seed": ("data", "split_seed"),
+    "rank": ("lora", "rank"), "alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
+    "targets": ("lora", "target_modules"), "prior": ("prior", "name"), "prior_scale": ("prior", "scale"),
+    "guide": ("guide", "name"), "flipout": ("guide", "flipout"), "blob_eps": ("guide", "blob_eps"),
+    "sigma_param": ("guide", "sigma_param"), "normal_init_scale": ("guide", "normal_init_scale"),
+    "elbo": ("objective", "elbo"), "kl_schedule": ("objective", "kl_schedule"),
+    "kl_weight": ("objective", "kl_weight"), "kl_anneal_steps": ("objective", "kl_anneal_steps"),
+    "eval_samples": ("eval", "samples"), "eval_batch_size": ("eval", "batch_size"),
+    "max_rows": ("eval", "max_rows"), "ece_bins": ("eval", "ece_bins")}
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run's model and guide and to repeat its training, one section
+    per concern; each section checks its own values, so a bad value is refused before anything runs."""
+
+    task: str = "arc-easy"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"task must be a task name or a .jsonl/.csv file, got {self.task!r}")
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _section(cls, name, value))
+            elif not isinstance(value, cls):
+                raise TypeError(f"RunConfig.{name} must be a {cls.__name__}, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def guide_options(self) -> dict[str, Any]:
-        """The options a registered guide's ``build`` reads."""
-        return {"blob_eps": self.blob_eps, "sigma_param": self.sigma_param, "normal_init_scale": self.normal_init_scale}
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        """From :meth:`to_dict`'s nested layout, or the flat layout of earlier runs."""
+        if isinstance(data.get("guide"), str):  # the flat layout of earlier runs
+            nested: dict[str, Any] = {}
+            for key, value in data.items():
+                section, name = _FLAT_KEYS.get(key, (key, ""))
+                if name:
+                    nested.setdefault(section, {})[name] = value
+                else:
+                    nested[key] = value
+            data = nested
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"config has unknown keys {sorted(unknown)}")
         return cls(**data)
 
 
-#: Named recipes. ``blob`` follows the BLoB reference as closely as Pyro allows: AdamW (lr 1e-4,
-#: eps 1e-6, no weight decay) on ``M`` and ``B``, plain SGD with lr 1e-2 on ``G``, 6 % linear
-#: warm-up then linear decay, prior N(0, 0.2^2), Flipout, and the reference's tempered KL weight
-#: (``2^i`` reweighting, see :class:`~pyro_llm.infer.BlobKLReweighting`). Differences: the loss is
-#: the per-example negative ELBO (the reference's mean NLL + pi_i KL up to the factor N).
-PRESETS: dict[str, dict[str, Any]] = {
-    "blob": {"guide": "blob", "prior": "gaussian", "prior_scale": 0.2, "kl_schedule": "blob", "flipout": True,
+def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"config section {name!r} has unknown keys {sorted(unknown)}")
+    return cls(**values)
+
+
+#: Named recipes, as partial nested configurations. ``blob`` follows the BLoB reference as closely
+#: as Pyro allows: AdamW (lr 1e-4, eps 1e-6, no weight decay) on ``M`` and ``B``, plain SGD with lr
+#: 1e-2 on ``G``, 6 % linear warm-up then linear decay, prior N(0, 0.2^2), Flipout, and the
+#: reference's tempered KL weight (``2^i`` reweighting, see :class:`~pyro_llm.infer.BlobKLReweighting`).
+#: Differences: the loss is the per-example negative ELBO (the reference's mean NLL + pi_i KL up to
+#: the factor N).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "blob": {"guide": {"name": "blob", "flipout": True}, "prior": {"name": "gaussian", "scale": 0.2},
+             "objective": {"kl_schedule": "blob"},
              "optim": {"lr": 1e-4, "g_lr": 1e-2, "g_optimizer": "sgd", "warmup_ratio": 0.06, "decay": "linear",
                        "adam_eps": 1e-6, "weight_decay": 0.0}},
 }

@@ -13,7 +13,6 @@ folder (``adapter_config.json`` + weights). The base model is the run's, the ada
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -28,10 +27,13 @@ from ..evaluation import predict_proba
 from ..evaluation.glm import glm_logit_moments, mc_probs, probit_probs
 from ..guides import LaplaceGuide
 from ..infer.laplace import fit_laplace
-from ..io import atomic_write_json
+from ..checks import check_int
+from ..io import CorruptFileError, atomic_write_json, read_json
 from ..models import build_model, lora_options_from_adapter, resolve_device
-from .common import load_split, prepare_run_dir, read_config, score
+from .common import load_split, read_config, run_config_of, score, write_config
 from .config import LaplaceConfig, RunConfig
+from .folder import RunFolder
+from .registry import PREDICTIVES, lookup
 
 __all__ = ["LaplaceRun", "laplace", "load_laplace_run", "resolve_adapter"]
 
@@ -41,14 +43,14 @@ def resolve_adapter(adapter: str | Path, model: str | None) -> tuple[Path, str, 
     path = Path(adapter)
     run_cfg = None
     if (path / "config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
-        run_cfg = RunConfig.from_dict(read_config(path)["run"])
+        run_cfg = run_config_of(path)
         path = path / "adapter"
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} is neither a pyro-llm run nor a peft adapter folder "
                                 "(no adapter_config.json)")
-    base = model or ((run_cfg.model or get_task(run_cfg.task).default_model) if run_cfg else None)
+    base = model or ((run_cfg.model.name or get_task(run_cfg.task).default_model) if run_cfg else None)
     if base is None:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = read_json(path / "adapter_config.json", "adapter configuration").get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter}: the adapter names no base model; pass --model")
     return path, base, run_cfg
@@ -65,77 +67,104 @@ class LaplaceRun:
     def predict(self, data: Any, predictive: str | None = None, samples: int | None = None,
                 progress: bool = True) -> torch.Tensor:
         kind = predictive or self.lconfig.predictive
+        lookup(PREDICTIVES, kind, "predictive")
         if kind == "nn":
-            n = self.config.eval_samples if samples is None else samples
-            return predict_proba(self.model, self.guide, data, num_samples=n, batch_size=self.config.eval_batch_size,
-                                 max_rows=self.config.max_rows, progress=progress)
+            n = self.config.eval.samples if samples is None else samples
+            check_int("samples", n, low=0)
+            return predict_proba(self.model, self.guide, data, num_samples=n, batch_size=self.config.eval.batch_size,
+                                 max_rows=self.config.eval.max_rows, progress=progress)
         if kind == "map":
             return predict_proba(self.model, self.guide, data, num_samples=0, progress=progress)
         mean, cov = glm_logit_moments(self.guide, data, batch_size=self.lconfig.batch_size, progress=progress)
         if kind == "glm":
             return probit_probs(mean, cov[0]).float()
-        gen = torch.Generator().manual_seed(self.config.optim.seed)
+        gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from the seeded global generator
         return mc_probs(mean, cov[0], self.lconfig.mc_samples, gen).float()
 
     def evaluate(self, task: TaskSpec, *, split: str = "test", limit: int | None = None, progress: bool = True,
-                 predictive: str | None = None, samples: int | None = None):
+                 predictive: str | None = None, samples: int | None = None, seed: int | None = None,
+                 suffix: str | None = None):
+        """Score ``task``/``split``; every random draw comes from ``seed`` (default: the run's)."""
         kind = predictive or self.lconfig.predictive
-        metrics, _ = score(self, task, split, limit, lambda data: self.predict(data, kind, samples, progress),
-                           "" if kind == self.lconfig.predictive else f"/{kind}", {"predictive": kind})
+        seed = self.config.optim.seed if seed is None else seed
+
+        def predict(data: Any) -> torch.Tensor:
+            pyro.set_rng_seed(seed)
+            return self.predict(data, kind, samples, progress)
+
+        if suffix is None:
+            suffix = "" if kind == self.lconfig.predictive else f"/{kind}"
+        metrics, _ = score(self, task, split, limit, predict, suffix, {"predictive": kind, "seed": seed})
         return metrics
+
 
 def _build(cfg: RunConfig, lcfg: LaplaceConfig, task: TaskSpec, adapter_dir: Path, base: str, cache: str | None,
            dataset_size: int | None):
     pyro.clear_param_store()
+    m = cfg.model
     return build_model(base, task, lora=lora_options_from_adapter(adapter_dir), b_site=not lcfg.a_only,
-                       dataset_size=dataset_size, device=resolve_device(cfg.device), dtype=cfg.dtype, cache=cache,
-                       adapter_dir=adapter_dir, seed=cfg.optim.seed, attn_implementation=cfg.attn_implementation)
+                       dataset_size=dataset_size, device=resolve_device(m.device), dtype=m.dtype, cache=cache,
+                       adapter_dir=adapter_dir, seed=cfg.optim.seed, attn_implementation=m.attn_implementation)
+
+
+def _prior_precision_args(method: str) -> dict[str, Any]:
+    """``LaplaceConfig.prior_precision`` as :func:`~pyro_llm.infer.fit_laplace`'s arguments."""
+    if method in ("marglik", "marglik-layerwise", "val-nll"):
+        return {"prior_precision": "marglik" if method == "marglik-layerwise" else method,
+                "layerwise": method == "marglik-layerwise"}
+    return {"prior_precision": None if method == "prior" else float(method)}
 
 
 def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: str | None = None,
             overwrite: bool = False, progress: bool = True, cache: str | None = None) -> dict[str, Any]:
-    """Fit a Laplace posterior to ``lcfg.adapter`` on ``cfg.task`` and evaluate it on the test split."""
+    """Fit a Laplace posterior to ``lcfg.adapter`` on ``cfg.task`` and evaluate it on the test split.
+
+    The adapter, the model and the data are loaded before the run folder is touched; the adapter
+    (or the run it belongs to) may not be inside the output folder or contain it."""
     run_dir = Path(run_dir)
-    adapter_dir, base, _ = resolve_adapter(lcfg.adapter, model or cfg.model)
-    cfg.model = base
+    given = Path(lcfg.adapter)
+    adapter_dir, base, _ = resolve_adapter(given, model or cfg.model.name)
+    folder = RunFolder(run_dir, overwrite=overwrite, inputs=(given, adapter_dir, base, cfg.task))
+    cfg.model.name = base
     task = get_task(cfg.task)
-    prepare_run_dir(run_dir, overwrite=overwrite)
     lcfg.adapter = str(adapter_dir.resolve())
-    shutil.copytree(adapter_dir, run_dir / "adapter")  # the run is self-contained
-    atomic_write_json(run_dir / "config.json", {"kind": "laplace", "run": cfg.to_dict(), "laplace": asdict(lcfg)})
-    net, tok = _build(cfg, lcfg, task, run_dir / "adapter", base, cache, None)
-    train = load_split(cfg, task, "train", tok, cfg.train_limit)
+    net, tok = _build(cfg, lcfg, task, adapter_dir, base, cache, None)
+    train = load_split(cfg, task, "train", tok, cfg.data.train_limit)
+    validation = load_split(cfg, task, "validation", tok, None) if lcfg.prior_precision == "val-nll" else None
     net.dataset_size = len(train)
-    start = time.perf_counter()
-    gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
-    method = lcfg.prior_precision
-    tuned = method in ("marglik", "marglik-layerwise", "val-nll")
-    validation = load_split(cfg, task, "validation", tok, None) if method == "val-nll" else None
-    fit = fit_laplace(net, train, lcfg.kfac,
-                      prior_precision=("marglik" if method == "marglik-layerwise" else method) if tuned
-                      else None if method == "prior" else float(method),
-                      layerwise=method == "marglik-layerwise", validation=validation, progress=progress,
-                      generator=gen if net.device.type == "cpu" else None)
-    fit_seconds = time.perf_counter() - start
-    run = LaplaceRun(net, fit.guide, tok, cfg, lcfg, task, run_dir)
-    fit.guide.save(run_dir / "laplace" / "guide.safetensors")
-    lml = float(fit.guide.log_marginal_likelihood(fit.factors.log_likelihood))
-    atomic_write_json(run_dir / "laplace" / "fit.json", {
-        "log_likelihood": fit.factors.log_likelihood, "log_marginal_likelihood": lml,
-        "prior_precision": fit.guide.prior_precision.tolist(), "num_examples": fit.factors.num_examples,
-        "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in fit.guide.blocks.values())})
-    metrics = run.evaluate(task, progress=progress)
+    with folder as out:
+        shutil.copytree(adapter_dir, out / "adapter")  # the run is self-contained
+        write_config(out, "laplace", cfg, state="running", laplace=asdict(lcfg))
+        start = time.perf_counter()
+        gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
+        fit = fit_laplace(net, train, lcfg.kfac, validation=validation, progress=progress,
+                          generator=gen if net.device.type == "cpu" else None,
+                          **_prior_precision_args(lcfg.prior_precision))
+        fit_seconds = time.perf_counter() - start
+        run = LaplaceRun(net, fit.guide, tok, cfg, lcfg, task, out)
+        fit.guide.save(out / "laplace" / "guide.safetensors")
+        lml = float(fit.guide.log_marginal_likelihood(fit.factors.log_likelihood))
+        atomic_write_json(out / "laplace" / "fit.json", {
+            "log_likelihood": fit.factors.log_likelihood, "log_marginal_likelihood": lml,
+            "prior_precision": fit.guide.prior_precision.tolist(), "num_examples": fit.factors.num_examples,
+            "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in fit.guide.blocks.values())})
+        metrics = run.evaluate(task, progress=progress)
+        write_config(out, "laplace", cfg, state="finished", laplace=asdict(lcfg))
     return {f"{task.name}/test": metrics.as_dict(), "log_marginal_likelihood": lml,
             "prior_precision": fit.guide.prior_precision.tolist()}
 
 
 def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | None = None) -> LaplaceRun:
     raw = read_config(run_dir)
-    cfg = RunConfig.from_dict(raw["run"])
-    lcfg = LaplaceConfig.from_dict(raw["laplace"])
+    cfg = run_config_of(run_dir)
+    try:
+        lcfg = LaplaceConfig.from_dict(raw["laplace"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"run configuration {run_dir / 'config.json'} has no valid Laplace section: {err}") \
+            from err
     if device is not None:
-        cfg.device = device
+        cfg.model.device = device
     task = get_task(cfg.task)
-    net, tok = _build(cfg, lcfg, task, run_dir / "adapter", cfg.model or "", cache, None)
+    net, tok = _build(cfg, lcfg, task, run_dir / "adapter", cfg.model.name or "", cache, None)
     guide = LaplaceGuide.load(net, run_dir / "laplace" / "guide.safetensors")
     return LaplaceRun(net, guide, tok, cfg, lcfg, task, run_dir)

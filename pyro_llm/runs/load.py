@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from ..checks import check_int
 from ..data import get_task
 from ..evaluation import Metrics
 from .common import LoadedRun, read_config
 from .laplace import LaplaceRun, load_laplace_run
+from .registry import PREDICTIVES, lookup
 from .svi import evaluate_loaded, load_svi_run
 
 __all__ = ["evaluate", "load_run"]
@@ -28,10 +29,31 @@ def load_run(run_dir: str | Path, *, device: str | None = None, cache: str | Non
 
 def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test", samples: int | None = None,
              limit: int | None = None, device: str | None = None, progress: bool = True,
-             cache: str | None = None, **kwargs: Any) -> Metrics:
-    """Evaluate a saved run (SVI or Laplace) on ``task`` (default: its training task)."""
+             cache: str | None = None, predictive: str | None = None, seed: int | None = None,
+             record_as: str | None = None) -> Metrics:
+    """Evaluate a saved run (SVI or Laplace) on ``task`` (default: its training task).
+
+    Every random draw comes from ``seed`` (default: the run's), so a repeated call gives the same
+    numbers. The result is recorded in ``metrics.json`` under ``<task>/<split>/evaluate-<options>``,
+    beside the metrics written at training time, never over them; ``record_as`` replaces the
+    ``evaluate-<options>`` part (``""``: under ``<task>/<split>``, as training records its own task)."""
+    check_int("seed", seed, low=0, optional=True)
+    check_int("samples", samples, low=0, optional=True)
+    check_int("limit", limit, low=1, optional=True)
     run = load_run(run_dir, device=device, cache=cache)
     spec = get_task(task) if task else run.task
-    if hasattr(run, "evaluate"):
-        return run.evaluate(spec, split=split, limit=limit, progress=progress, **kwargs)
-    return evaluate_loaded(run, spec, split=split, samples=samples, limit=limit, progress=progress)[0]
+    seed = run.config.optim.seed if seed is None else seed
+    if isinstance(run, LaplaceRun):
+        kind = predictive or run.lconfig.predictive
+        lookup(PREDICTIVES, kind, "predictive")
+        n = f"-n{run.config.eval.samples if samples is None else samples}" if kind == "nn" else ""
+        tag = f"evaluate-{kind}{n}-seed{seed}" if record_as is None else record_as
+        return run.evaluate(spec, split=split, limit=limit, progress=progress, predictive=kind, samples=samples,
+                            seed=seed, suffix=f"/{tag}" if tag else "")
+    if predictive is not None:
+        raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run_dir} is an SVI run "
+                         "(its predictive is the N-sample average: use --samples)")
+    n = run.config.eval.samples if samples is None else samples
+    tag = f"evaluate-n{n}-seed{seed}" if record_as is None else record_as
+    return evaluate_loaded(run, spec, split=split, samples=n, limit=limit, progress=progress, seed=seed,
+                           suffix=f"/{tag}" if tag else "")[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,74 +10,81 @@ import pyro
 import torch
 from torch import distributed as dist
 
+from ..checks import check_int
 from ..data import EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..evaluation import Metrics, predict_proba
 from ..guides import write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
 from ..models import BayesianLoRAModel, lora_dropout_active
-from .common import LoadedRun, build_for, init_distributed, load_split, prepare_run_dir, read_config, score
+from .common import LoadedRun, build_for, init_distributed, load_split, run_config_of, score, write_config
 from .config import RunConfig
-from .registry import ELBOS, GUIDES, KL_SCHEDULES, KLScheduleArgs, make_guide
+from .folder import RunFolder
+from .registry import ELBOS, GUIDES
 
 __all__ = ["evaluate_loaded", "load_svi_run", "train"]
 
 
-def _guide(cfg: RunConfig, model: BayesianLoRAModel) -> Any:
-    return make_guide(cfg.guide, model, **cfg.guide_options)
-
-
 def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
           progress: bool = True, cache: str | None = None, evaluate_after: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir`` and evaluate on the task's test split; returns the metrics."""
+    """Train ``cfg`` into ``run_dir`` and evaluate on the task's test split; returns the metrics.
+
+    The folder, the model and the data are all checked before anything is written (see
+    :class:`~.folder.RunFolder` for what ``overwrite`` and ``resume`` may replace)."""
     run_dir = Path(run_dir)
     task = get_task(cfg.task)
     rank = init_distributed(cfg)
-    if resume and (run_dir / "config.json").is_file():
-        saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["run"])
-        if {**saved.to_dict(), "device": None} != {**cfg.to_dict(), "device": None}:
+    folder = RunFolder(run_dir, overwrite=overwrite, resume=resume, inputs=(cfg.model.name, cfg.task))
+    if resume and not folder.restart:
+        saved = run_config_of(run_dir)
+        if {**saved.to_dict(), "model": {**saved.to_dict()["model"], "device": None}} != \
+                {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "device": None}}:
             raise ValueError(f"--resume: {run_dir}/config.json differs from the options given; "
                              "resume with the same options")
-    if rank == 0:
-        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
-        atomic_write_json(run_dir / "config.json", {"kind": "svi", "run": cfg.to_dict()})
-    if dist.is_initialized():
-        dist.barrier()
     pyro.clear_param_store()
     # the model needs N before the data is tokenised: count examples first
-    train_examples = load_examples(task, "train", limit=cfg.train_limit, split_seed=cfg.split_seed)
+    train_examples = load_examples(task, "train", limit=cfg.data.train_limit, split_seed=cfg.data.split_seed)
+    if len(train_examples) < cfg.optim.batch_size:
+        raise ValueError(f"task {task.name} has {len(train_examples)} training examples, fewer than the batch size "
+                         f"{cfg.optim.batch_size}")
     model, tok = build_for(cfg, task, len(train_examples), cache)
-    train_data = encode_examples(train_examples, tok, task.num_classes, cfg.max_length)
-    guide = _guide(cfg, model)
-    kl = KL_SCHEDULES[cfg.kl_schedule](KLScheduleArgs(cfg.kl_weight, cfg.kl_anneal_steps, len(train_data),
-                                                      cfg.optim.batch_size))
-    trainer = SVITrainer(model, guide, cfg.optim, elbo=ELBOS[cfg.elbo](), use_flipout=bool(cfg.flipout),
-                         kl_schedule=kl, run_dir=run_dir, progress=progress)
-    with lora_dropout_active(model, enabled=cfg.lora_dropout > 0):
-        history = trainer.fit(train_data, resume=resume)
-    if rank > 0:  # other ranks of a torchrun job: rank 0 saves and evaluates
-        return {}
-    atomic_write_json(run_dir / "history.json", history)
-    first = train_data.batch(torch.arange(min(2, len(train_data))), model.device)
-    write_back_means(model, guide, first)
-    model.peft_model.save_pretrained(str(run_dir / "adapter"))
-    save_params(run_dir / "guide.safetensors", trainer.param_names, {"guide": cfg.guide})
-    if not evaluate_after:
-        return {}
-    metrics, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, run_dir), task, progress=progress)
-    return {f"{task.name}/test": metrics.as_dict()}
+    train_data = encode_examples(train_examples, tok, task.num_classes, cfg.data.max_length)
+    guide = cfg.guide.build(model)
+    kl = cfg.objective.kl(len(train_data), cfg.optim.batch_size)
+    with folder if rank == 0 else contextlib.nullcontext(folder.path) as out:
+        if rank == 0:
+            write_config(out, "svi", cfg, state="running")
+        if dist.is_initialized():
+            dist.barrier()
+        trainer = SVITrainer(model, guide, cfg.optim, elbo=ELBOS[cfg.objective.elbo](),
+                             use_flipout=bool(cfg.guide.flipout), kl_schedule=kl, run_dir=out, progress=progress)
+        with lora_dropout_active(model, enabled=cfg.lora.dropout > 0):
+            history = trainer.fit(train_data, resume=resume and not folder.restart)
+        if rank > 0:  # other ranks of a torchrun job: rank 0 saves and evaluates
+            return {}
+        atomic_write_json(out / "history.json", history)
+        first = train_data.batch(torch.arange(min(2, len(train_data))), model.device)
+        write_back_means(model, guide, first)
+        model.peft_model.save_pretrained(str(out / "adapter"))
+        save_params(out / "guide.safetensors", trainer.param_names, {"guide": cfg.guide.name})
+        metrics: dict[str, Any] = {}
+        if evaluate_after:
+            m, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, out), task, progress=progress)
+            metrics = {f"{task.name}/test": m.as_dict()}
+        write_config(out, "svi", cfg, state="finished")
+    return metrics
 
 
 def load_svi_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> LoadedRun:
     """Rebuild a trained SVI run's model and guide from its folder (safetensors only)."""
     run_dir = Path(run_dir)
-    cfg = RunConfig.from_dict(read_config(run_dir)["run"])
+    cfg = run_config_of(run_dir)
     if device is not None:
-        cfg.device = device
+        cfg.model.device = device
     task = get_task(cfg.task)
     pyro.clear_param_store()
     model, tok = build_for(cfg, task, None, cache)
-    guide = _guide(cfg, model)
+    guide = cfg.guide.build(model)
     data = load_split(cfg, task, "train", tok, limit=2)
     batch = data.batch(torch.arange(len(data)), model.device)
     guide(**batch)
@@ -87,21 +94,26 @@ def load_svi_run(run_dir: str | Path, *, device: str | None = None, cache: str |
 
 
 def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
-                    limit: int | None = None, progress: bool = True) -> tuple[Metrics, torch.Tensor]:
-    """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive."""
+                    limit: int | None = None, progress: bool = True, seed: int | None = None,
+                    suffix: str = "") -> tuple[Metrics, torch.Tensor]:
+    """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive; the weight
+    samples are drawn from ``seed`` (default: the run's), so the same call gives the same numbers."""
     cfg = run.config
-    n = cfg.eval_samples if samples is None else samples
-    point = GUIDES[cfg.guide].point
-    mc_dropout = point and cfg.lora_dropout > 0 and n > 0  # MC dropout on the LoRA input
+    n = cfg.eval.samples if samples is None else samples
+    check_int("samples", n, low=0)
+    point = GUIDES[cfg.guide.name].point
+    mc_dropout = point and cfg.lora.dropout > 0 and n > 0  # MC dropout on the LoRA input
     if point and not mc_dropout:
         n = 0  # a point mass: every sample is the same network
+    seed = cfg.optim.seed if seed is None else seed
 
     def predict(data: EncodedDataset) -> torch.Tensor:
+        pyro.set_rng_seed(seed)
         with lora_dropout_active(run.model, enabled=mc_dropout):
-            return predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval_batch_size,
-                                 max_rows=cfg.max_rows, progress=progress, desc=f"eval {task.name}",
+            return predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval.batch_size,
+                                 max_rows=cfg.eval.max_rows, progress=progress, desc=f"eval {task.name}",
                                  resample_guide=not mc_dropout)
 
-    return score(run, task, split, limit, predict, extra={"samples": n})
+    return score(run, task, split, limit, predict, suffix, extra={"samples": n, "seed": seed})
 
 

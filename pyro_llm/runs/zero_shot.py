@@ -9,9 +9,9 @@ import pyro
 import torch
 
 from ..data import get_task
-from ..io import atomic_write_json
-from .common import LoadedRun, build_for, prepare_run_dir
-from .config import RunConfig
+from .common import LoadedRun, build_for, write_config
+from .config import GuideConfig, RunConfig
+from .folder import RunFolder
 from .svi import evaluate_loaded
 
 __all__ = ["zero_shot"]
@@ -22,9 +22,8 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     """Evaluate the base model (LoRA ``B = 0``, i.e. no adapter) on ``cfg.task``'s test split."""
     run_dir = Path(run_dir)
     task = get_task(cfg.task)
-    prepare_run_dir(run_dir, overwrite=overwrite)
-    cfg.guide = "map"
-    atomic_write_json(run_dir / "config.json", {"kind": "zero-shot", "run": cfg.to_dict()})
+    folder = RunFolder(run_dir, overwrite=overwrite, inputs=(cfg.model.name, cfg.task))
+    cfg.guide = GuideConfig("map")
     pyro.clear_param_store()
     model, tok = build_for(cfg, task, None, cache)
 
@@ -32,8 +31,11 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
         def median(self, **_: Any) -> dict[str, torch.Tensor]:
             return model.point_values()
 
-    metrics, _ = evaluate_loaded(LoadedRun(model, _Base(), tok, cfg, task, run_dir), task, samples=0,
-                                 progress=progress)
+    with folder as out:
+        write_config(out, "zero-shot", cfg, state="running")
+        metrics, _ = evaluate_loaded(LoadedRun(model, _Base(), tok, cfg, task, out), task, samples=0,
+                                     progress=progress)
+        write_config(out, "zero-shot", cfg, state="finished")
     return {f"{task.name}/test": metrics.as_dict()}
 
 

@@ -31,7 +31,8 @@ def test_svi_train_and_evaluate(tiny_llama, tmp_path):
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and "ECE" in res.output and "NLL" in res.output
     cfg = json.loads((out / "config.json").read_text())["run"]
-    assert cfg["guide"] == "blob" and cfg["kl_schedule"] == "blob" and cfg["optim"]["g_optimizer"] == "sgd"
+    assert cfg["guide"]["name"] == "blob" and cfg["objective"]["kl_schedule"] == "blob"
+    assert cfg["optim"]["g_optimizer"] == "sgd" and cfg["optim"]["steps"] == 3  # the preset, then explicit options
     refused = _run(args)
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     res = _run(["evaluate", str(out), "--task", "arc-challenge", "--task", "openbookqa", "--limit", "8"])

@@ -13,9 +13,10 @@ from pyro_llm.runs import RunDirExistsError, evaluate, load_run, train
 
 
 def _cfg(tiny_llama, guide="blob", steps=6, **kw):
-    return RunConfig(task="arc-easy", model=str(tiny_llama), guide=guide, train_limit=24, test_limit=16,
-                     max_length=96, eval_samples=3, optim=OptimConfig(steps=steps, batch_size=4, lr=1e-2,
-                                                                     checkpoint_every=3), **kw)
+    return RunConfig.from_dict({"task": "arc-easy", "model": {"name": str(tiny_llama)}, "guide": {"name": guide},
+                                "data": {"train_limit": 24, "test_limit": 16, "max_length": 96},
+                                "eval": {"samples": 3},
+                                "optim": {"steps": steps, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 3}, **kw})
 
 
 def _params(run_dir):
@@ -33,19 +34,18 @@ def test_resume_gives_the_uninterrupted_result(tiny_llama, tmp_path, guide):
     # an interrupted run: stop after 3 steps (its checkpoint is the state a kill would leave)
     from pyro_llm.data import encode_examples, get_task, load_examples
     from pyro_llm.infer import ConstantKL
-    from pyro_llm.runs import ELBOS, build_for, make_guide
+    from pyro_llm.runs import ELBOS, build_for
 
     run_dir = tmp_path / "cut"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"kind": "svi", "run": cfg.to_dict()}))
     pyro.clear_param_store()
     task = get_task(cfg.task)
-    ex = load_examples(task, "train", limit=cfg.train_limit)
+    ex = load_examples(task, "train", limit=cfg.data.train_limit)
     model, tok = build_for(cfg, task, len(ex), None)
-    trainer = SVITrainer(model, make_guide(cfg.guide, model, **cfg.guide_options), cfg.optim, elbo=ELBOS[cfg.elbo](),
-                         use_flipout=cfg.flipout,
-                         kl_schedule=ConstantKL(1.0), run_dir=run_dir, progress=False)
-    trainer.fit(encode_examples(ex, tok, task.num_classes, cfg.max_length), stop_after=3)
+    trainer = SVITrainer(model, cfg.guide.build(model), cfg.optim, elbo=ELBOS[cfg.objective.elbo](),
+                         use_flipout=cfg.guide.flipout, kl_schedule=ConstantKL(1.0), run_dir=run_dir, progress=False)
+    trainer.fit(encode_examples(ex, tok, task.num_classes, cfg.data.max_length), stop_after=3)
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == 3
 
     train(cfg, run_dir, resume=True, progress=False, evaluate_after=False)
@@ -105,12 +105,18 @@ def test_train_then_evaluate_in_and_out_of_distribution(tiny_llama, tmp_path):
     for name in ("config.json", "guide.safetensors", "adapter/adapter_model.safetensors",
                  "adapter/adapter_config.json", "metrics.json", "reliability_arc-easy_test.png"):
         assert (tmp_path / "r" / name).is_file(), name
+    trained = json.loads((tmp_path / "r" / "metrics.json").read_text())["arc-easy/test"]
     again = evaluate(tmp_path / "r", limit=16, progress=False, samples=3)
-    assert again.n == 16
+    twice = evaluate(tmp_path / "r", limit=16, progress=False, samples=3)
+    other = evaluate(tmp_path / "r", limit=16, progress=False, samples=3, seed=7)
+    assert again.n == 16 and again.as_dict() == twice.as_dict()  # reproducible: the run's seed by default
+    assert other.nll != again.nll  # the seed reaches the weight samples
     ood = evaluate(tmp_path / "r", "winogrande", limit=12, progress=False)  # 2 answer classes
     assert ood.n == 12
     table = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert {"arc-easy/test", "winogrande/test"} <= set(table)
+    assert table["arc-easy/test"] == trained  # training's own metrics are never overwritten
+    assert {"arc-easy/test/evaluate-n3-seed0", "arc-easy/test/evaluate-n3-seed7",
+            "winogrande/test/evaluate-n3-seed0"} <= set(table)
 
 
 def test_bfloat16_base_weights_train_on_cpu(tiny_llama):
@@ -132,7 +138,7 @@ def test_bfloat16_base_weights_train_on_cpu(tiny_llama):
 def test_zero_shot_runs_cannot_be_evaluated_as_trained(tiny_llama, tmp_path):
     from pyro_llm.runs import zero_shot
 
-    zero_shot(RunConfig(task="arc-easy", model=str(tiny_llama), test_limit=4, max_length=64), tmp_path / "zs",
-              progress=False)
+    zero_shot(RunConfig.from_dict({"model": {"name": str(tiny_llama)}, "data": {"test_limit": 4, "max_length": 64}}),
+              tmp_path / "zs", progress=False)
     with pytest.raises(ValueError, match="zero-shot"):
         load_run(tmp_path / "zs")
