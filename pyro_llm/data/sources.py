@@ -102,6 +102,13 @@ def read_user_file(path: str | Path) -> tuple[list[Example], list[str | None]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        return _read_user_file(path)
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{path}: not UTF-8 text (byte {err.start} of the file or line)") from err
+
+
+def _read_user_file(path: Path) -> tuple[list[Example], list[str | None]]:
     out: list[tuple[Example, str | None]] = []
     if path.suffix == ".jsonl":
         for lineno, obj in read_jsonl(path):

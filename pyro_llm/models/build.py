@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -19,6 +21,8 @@ from .loading import load_causal_lm, load_sequence_classifier
 from .model import BayesianLoRAModel
 
 __all__ = ["LoRAOptions", "build_model", "default_targets"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def build_model(
         head = AnswerTokenHead(answer_token_ids(tok, answer_strings(task.num_classes)))
         task_type = TaskType.CAUSAL_LM
     if adapter_dir is not None:
-        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        peft_model = _load_adapter(base, model_name, Path(adapter_dir))
     else:
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
                             target_modules=list(lora.target_modules or default_targets(base)))
@@ -98,6 +102,25 @@ def build_model(
     peft_model.to(torch.device(device) if not isinstance(device, torch.device) else device)
     peft_model.eval()  # dropout off: randomness comes from the guide
     return BayesianLoRAModel(peft_model, head, prior, b_site=b_site, dataset_size=dataset_size), tok
+
+
+def _load_adapter(base: torch.nn.Module, model_name: str, adapter_dir: Path) -> PeftModel:
+    """A peft adapter on ``base``; an adapter made for another base is refused in one sentence (peft
+    says it in a page of size mismatches), and one whose recorded base has another name is loaded
+    with a warning (same shapes, possibly other weights)."""
+    recorded = str(LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path or "")
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise ValueError(f"adapter {adapter_dir} was made for another base model ({recorded or 'unnamed'}), not "
+                         f"{model_name}: its shapes differ ({first[:200]})") from None
+    if recorded and Path(recorded).name != Path(model_name).name and recorded != model_name:
+        log.warning("adapter %s records the base model %s; loading it on %s (the shapes match)", adapter_dir,
+                    recorded, model_name)
+    return peft_model
 
 
 def lora_options_from_adapter(adapter_dir: str | os.PathLike) -> LoRAOptions:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -133,6 +134,10 @@ def resolve_model_path(name: str, cache: str | os.PathLike | None = None) -> str
 
 def _not_found(name: str, err: Exception) -> ModelNotFoundError:
     choices = ", ".join(sorted(EMBEDDED_MODELS))
+    path = Path(resolve_model_path(name)) if name not in EMBEDDED_MODELS else None
+    if path is not None and path.is_dir() or isinstance(err, SafetensorError):
+        return ModelNotFoundError(f"cannot load model {name!r} from the folder {path or name}: its files are "
+                                  f"incomplete or corrupt ({type(err).__name__}: {err})")
     return ModelNotFoundError(
         f"cannot load model {name!r}: it is not an embedded model ({choices}), not a local folder, "
         f"and loading it as a hub id failed: {err}"
@@ -199,7 +204,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **_attn(attn_implementation)
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise _not_found(name, err) from err
     model.to(resolve_device(device))
     model.eval()
@@ -227,7 +232,7 @@ def load_sequence_classifier(
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
                 **_attn(attn_implementation))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise _not_found(name, err) from err
     if model.config.pad_token_id is None:  # decoder classifiers (Llama) find the last token by it
         model.config.pad_token_id = tok.pad_token_id
