@@ -9,8 +9,8 @@
 * evaluation: N = 10 samples (batched) against one deterministic pass over the same examples;
 * the variance of the ELBO's gradient with respect to the means M, with and without Flipout.
 
-    python bench/bench_blob.py                                   # CPU, SmolLM2-135M
-    python bench/bench_blob.py --model llama-1b --device cuda --dtype bfloat16
+    python -m bench.bench_blob                                   # CPU, SmolLM2-135M
+    python -m bench.bench_blob --model llama-1b --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyro
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, interleaved_samples,
+from bench.common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, interleaved_samples,
                     load_base, medians, peak_memory, ratio_summary, report, subprocess_peak)
 from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide
@@ -82,7 +82,7 @@ def main() -> None:
         plain_mem = peak_memory(plain_step, device)
         blob_mem = peak_memory(blob_step, device)
     else:  # process peak RSS is monotonic: measure each step in its own process
-        plain_mem, blob_mem = (subprocess_peak(__file__, v) for v in ("plain", "blob"))
+        plain_mem, blob_mem = (subprocess_peak(__spec__.name, v) for v in ("plain", "blob"))
     samples = interleaved_samples({"blob": blob_step, "plain": plain_step, "no_flipout": no_flipout_step}, args.repeats,
                                   device)
     times = medians(samples)

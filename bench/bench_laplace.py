@@ -5,8 +5,8 @@
 * the GLM predictive against a plain forward pass (target <= 1 + C passes for C answer classes);
 * factor memory: n_kfac * d, not d^2 (bytes of the kept factors against dense factors).
 
-    python bench/bench_laplace.py                                # CPU, SmolLM2-135M, 64 ARC-Easy prompts
-    python bench/bench_laplace.py --model llama-1b --device cuda --dtype bfloat16
+    python -m bench.bench_laplace                                # CPU, SmolLM2-135M, 64 ARC-Easy prompts
+    python -m bench.bench_laplace --model llama-1b --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, fwd_bwd_floor, interleaved,
+from bench.common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, fwd_bwd_floor, interleaved,
                     load_base, report)
 from pyro_llm.curvature import KFACConfig, fit_kfac
 from pyro_llm.evaluation.glm import glm_logit_moments
@@ -52,8 +52,7 @@ def main() -> None:
     def forward() -> None:
         for idx in data.sequential(args.batch_size):
             b = data.batch(idx, device)
-            with model.use_values(values):
-                model.logits(b["input_ids"], b["attention_mask"], b["choice_mask"])
+            model.logits_at(b, values)
 
     glm_t = interleaved({"forward": forward,
                          "glm": lambda: glm_logit_moments(guide, data, batch_size=args.batch_size, progress=False)},

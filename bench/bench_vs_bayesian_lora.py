@@ -21,7 +21,7 @@ calibration figures are those of a fine-tuned model; without it a random adapter
 bayesian-lora is run with ``lr_threshold=100``, so that every factor pair is (full ``r x r``,
 rank-10 large), the only shape its ``model_evidence`` and ``variance`` accept.
 
-    python bench/bench_vs_bayesian_lora.py --adapter runs/real/map/adapter --out bench/results/vs_bayesian_lora_cpu_smollm2.json
+    python -m bench.bench_vs_bayesian_lora --adapter runs/real/map/adapter --out bench/results/vs_bayesian_lora_cpu_smollm2.json
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import copy
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, fwd_bwd_floor, interleaved,
+from bench.common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, fwd_bwd_floor, interleaved,
                     load_base, peak_memory, report, subprocess_peak)
 from pyro_llm.curvature import KFACConfig, fit_kfac
 from pyro_llm.data import encode_examples, load_examples
@@ -159,7 +159,7 @@ def main() -> None:
         guide = our_posterior()[1]
         return measure(lambda: glm_logit_moments(guide, test, batch_size=args.predictive_batch_size, progress=False))
     times = interleaved({"floor": floor, "ours": ours, "theirs": their_fit}, args.repeats, device, warmup=1)
-    mem = {who: subprocess_peak(__file__, who) for who in ("floor", "ours", "theirs")}
+    mem = {who: subprocess_peak(__spec__.name, who) for who in ("floor", "ours", "theirs")}
 
     # evidence at the same prior precision (lambda = 1, prior variance s2 = 1)
     (factors, guide), their_factors = our_posterior(), their_posterior()
@@ -171,7 +171,7 @@ def main() -> None:
     preds = {"ours": lambda: glm_logit_moments(guide, test, batch_size=args.predictive_batch_size, progress=False),
              "theirs": lambda: their_predictive(peft_plain_forward, head, their_factors, test_left, 1.0 / lam, device)}
     glm_times = interleaved(preds, args.repeats, device, warmup=0)
-    glm_mem = {who: subprocess_peak(__file__, f"glm_{who}") for who in ("ours", "theirs")}
+    glm_mem = {who: subprocess_peak(__spec__.name, f"glm_{who}") for who in ("ours", "theirs")}
     mu, cov = preds["ours"]()
     their_mu, their_cov = preds["theirs"]()
     calib = {"map": compute_metrics(mu.softmax(-1), test.labels).as_dict(),

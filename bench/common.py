@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]  # the project root, from which ``python -m bench.<name>`` runs
 
-from pyro_llm.data import encode_examples, get_task, load_examples  # noqa: E402
-from pyro_llm.data.prompts import answer_strings  # noqa: E402
-from pyro_llm.models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, load_causal_lm  # noqa: E402
+from pyro_llm.data import encode_examples, get_task, load_examples
+from pyro_llm.data.prompts import answer_strings
+from pyro_llm.models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, load_causal_lm
 
 #: A Llama-3.2-1B-shaped config for random-init speed benchmarks on a GPU (no weights needed).
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -157,16 +157,17 @@ def bench_parser(doc: str, memory_variants: list[str], examples: int = 8, repeat
     return ap
 
 
-def subprocess_peak(script: str, variant: str) -> float:
-    """Peak memory of ``variant`` measured by re-running ``script`` alone with ``--memory-of``."""
+def subprocess_peak(module: str, variant: str) -> float:
+    """Peak memory of ``variant`` measured by re-running the benchmark ``module`` (``bench.bench_blob``)
+    alone with ``--memory-of``."""
     import subprocess
 
     argv = list(sys.argv[1:])
     if "--out" in argv:
         i = argv.index("--out")
         del argv[i:i + 2]
-    out = subprocess.run([sys.executable, script, *argv, "--memory-of", variant], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-m", module, *argv, "--memory-of", variant], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
     return float(next(line for line in out.splitlines() if line.startswith("PEAK ")).split()[1])
 
 
@@ -176,9 +177,8 @@ def fwd_bwd_floor(model: BayesianLoRAModel, data, batch_size: int, device: torch
     values = model.point_values()
     for idx in data.sequential(batch_size):
         b = data.batch(idx, device)
-        with model.use_values({k: v.detach().requires_grad_(True) for k, v in values.items()}):
-            logits = model.logits(b["input_ids"], b["attention_mask"], b["choice_mask"])
-            torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").backward()
+        logits = model.logits_at(b, {k: v.detach().requires_grad_(True) for k, v in values.items()})
+        torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum").backward()
 
 
 def report(name: str, result: dict[str, Any], out: str | None) -> None:

@@ -8,9 +8,9 @@ OpenBookQA, tested on ARC-Challenge, ARC-Easy, MMLU college chemistry and physic
 testbed (``--config cpu-encoder``): MiniLM with LoRA on SST-2, RTE, MRPC and BoolQ. Writes
 ``results.json``, ``results.md`` and one reliability diagram per task (MAP, BLoB, Laplace).
 
-    python bench/study.py --config cpu --out docs/results/cpu --runs-dir runs/study-cpu   # 2 CPU cores
-    python bench/study.py --config cpu-encoder --out docs/results/cpu-encoder --runs-dir runs/study-encoder
-    python bench/study.py --config gpu --out docs/results/gpu --device cuda
+    python -m bench.study --config cpu --out docs/results/cpu --runs-dir runs/study-cpu   # 2 CPU cores
+    python -m bench.study --config cpu-encoder --out docs/results/cpu-encoder --runs-dir runs/study-encoder
+    python -m bench.study --config gpu --out docs/results/gpu --device cuda
 """
 
 from __future__ import annotations
@@ -25,17 +25,15 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pyro_llm.evaluation import apply_temperature, compute_metrics, fit_temperature, mean_logits, plot_reliability  # noqa: E402
-from pyro_llm.guides import guide_median  # noqa: E402
-from pyro_llm.infer import OptimConfig  # noqa: E402
-from pyro_llm.io import atomic_write_json, load_tensors  # noqa: E402
-from pyro_llm.models import LoRAOptions  # noqa: E402
-from pyro_llm.runs import (DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, RunConfig,  # noqa: E402
+from pyro_llm.evaluation import apply_temperature, compute_metrics, fit_temperature, mean_logits, plot_reliability
+from pyro_llm.guides import guide_median
+from pyro_llm.infer import OptimConfig
+from pyro_llm.io import atomic_write_json, load_tensors
+from pyro_llm.models import LoRAOptions
+from pyro_llm.runs import (DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, RunConfig,
                            laplace)
-from pyro_llm.runs import retarget_head, evaluate, load_run, load_split, train  # noqa: E402
-from pyro_llm.data import get_task  # noqa: E402
+from pyro_llm.runs import retarget_head, evaluate, load_run, load_split, train
+from pyro_llm.data import get_task
 
 IN_DIST = ["arc-easy", "openbookqa", "boolq", "winogrande"]
 ENCODER_TASKS = ["sst2", "rte", "mrpc", "boolq-cls"]
@@ -195,12 +193,12 @@ def cost_benchmarks(c: dict[str, Any], out: Path) -> dict[str, Any]:
     """Ratios to plain peft LoRA, from bench/bench_blob.py and bench/bench_laplace.py run now."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
     result = {}
     for name in ("blob", "laplace"):
         target = out / f"bench_{name}.json"
-        subprocess.run([sys.executable, str(here / f"bench_{name}.py"), "--model", c["model"], "--device", c["device"],
-                        "--dtype", c["dtype"], "--out", str(target)], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", f"bench.bench_{name}", "--model", c["model"], "--device", c["device"],
+                        "--dtype", c["dtype"], "--out", str(target.resolve())], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parents[1])
         result[name] = json.loads(target.read_text())
     return result
 

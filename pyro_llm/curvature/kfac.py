@@ -249,9 +249,8 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
             batch = data.batch(idx, device)
             # the mask as float once per batch, not once per site hook (120 of them for SmolLM2)
             state.update(mask=batch["attention_mask"].float(), first_batch=i == 0, inputs=[])
-            with torch.enable_grad(), model.use_values({k: v.detach().requires_grad_(True) for k, v in values.items()}):
-                logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"],
-                                      batch.get("token_type_ids"))
+            with torch.enable_grad():
+                logits = model.logits_at(batch, {k: v.detach().requires_grad_(True) for k, v in values.items()})
                 logp = logits.log_softmax(-1)
                 loglik += float(logp.detach().gather(1, batch["labels"][:, None]).sum())
                 if config.fisher == "mc":

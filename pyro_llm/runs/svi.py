@@ -16,7 +16,7 @@ from ..evaluation import Metrics, predict_proba
 from ..guides import write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
-from ..models import BayesianLoRAModel, lora_dropout_active
+from ..models import lora_dropout_active
 from .common import LoadedRun, build_for, init_distributed, load_split, run_config_of, score, write_config
 from .config import RunConfig
 from .folder import RunFolder

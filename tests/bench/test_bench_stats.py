@@ -2,15 +2,11 @@
 
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from common import interleaved_samples, median_ci, ratio_summary  # noqa: E402
+from bench.common import interleaved_samples, median_ci, ratio_summary
 
 
 def test_median_ci_covers_the_median_at_its_level_for_a_skewed_distribution():

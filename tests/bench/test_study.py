@@ -8,9 +8,9 @@ from pathlib import Path
 
 def test_study_tiny_configuration(tiny_llama, tmp_path):
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, str(root / "bench" / "study.py"), "--config", "tiny", "--model",
-                          str(tiny_llama), "--out", str(tmp_path), "--seeds", "0", "1", "--tasks", "openbookqa", "--skip-bench"],
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, "-m", "bench.study", "--config", "tiny", "--model", str(tiny_llama),
+                          "--out", str(tmp_path), "--seeds", "0", "1", "--tasks", "openbookqa", "--skip-bench"],
+                         capture_output=True, text=True, timeout=900, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     ood = ["arc-challenge", "arc-easy", "mmlu-college-chemistry", "mmlu-college-physics"]

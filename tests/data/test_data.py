@@ -86,3 +86,24 @@ def test_missing_field_names_field_and_line(tmp_path):
     csv_path.write_text("question,A,answer\nq,a,0\n")
     with pytest.raises(DataFileError, match="missing required column 'B'"):
         read_user_file(csv_path)
+
+
+@pytest.mark.parametrize("name,parts,n_choices", [
+    ("sciq", ("sciq", "none", "validation"), 4), ("piqa", ("piqa", "plain_text", "validation"), 2),
+    ("social-iqa", ("social_i_qa", "none", "validation"), 3), ("copa", ("super_glue", "copa", "validation"), 2),
+    ("cb", ("super_glue", "cb", "validation"), 3), ("hellaswag", ("hellaswag", "none", "validation"), 4)])
+def test_offline_multiple_choice_tasks_keep_every_row_and_its_answer(name, parts, n_choices):
+    from pyro_llm.data.sources import load_olmo_split
+
+    raw = load_olmo_split(*parts)
+    splits = {s: load_examples(name, s) for s in ("train", "validation", "test")}
+    assert sum(len(v) for v in splits.values()) == len(raw)  # a partition of the shipped rows
+    examples = [e for v in splits.values() for e in v]
+    assert all(e.num_choices == n_choices and 0 <= e.label < n_choices for e in examples)
+    assert len({e.label for e in examples}) == n_choices  # every answer position occurs
+    if name == "sciq":  # the lettered choice at the label is the shipped correct answer
+        answers = {r["question"]: r["correct_answer"] for r in raw}
+        for e in examples[:50]:
+            question = e.text.split("Question: ")[1].split("\n")[0]
+            line = [ln for ln in e.text.splitlines() if ln.startswith(f"{'ABCD'[e.label]}. ")][0]
+            assert line[3:] == answers[question]

@@ -44,8 +44,7 @@ def one_linear_model(n=1, d_in=5, d_out=3, r=2, seed=0):
 def _grad_outer(model, data, i):
     values = {k: v.clone().requires_grad_(True) for k, v in model.point_values().items()}
     batch = data.batch(torch.tensor([i]))
-    with model.use_values(values):
-        logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"])
+    logits = model.logits_at(batch, values)
     nll = -logits.log_softmax(-1)[0, batch["labels"][0]]
     grads = torch.autograd.grad(nll, [values[n] for n in model.site_names])
     return {n: torch.outer(g.flatten(), g.flatten()).double() for n, g in zip(model.site_names, grads)}
@@ -160,8 +159,7 @@ def test_glm_variance_equals_dense_jacobian_algebra(laplace_model):
     values = {n: v.clone().requires_grad_(True) for n, v in guide.median().items()}
     for i in range(3):
         batch = sub.batch(torch.tensor([i]))
-        with model.use_values(values):
-            logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"])[0]
+        logits = model.logits_at(batch, values)[0]
         J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], [values[n] for n in names],
                                                                              retain_graph=True)])
                          for c in range(logits.shape[0])]).double()

@@ -108,13 +108,13 @@ def test_saved_adapter_loads_with_peft(arc_model, tiny_llama, tmp_path):
     write_back_means(model, guide, batch)
     model.peft_model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
-        ours = model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"])
+        ours = model.logits_at(batch)
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter")
         out = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     last = batch["attention_mask"].sum(1) - 1
     ref = out[torch.arange(4), last][:, model.head.token_ids].masked_fill(~batch["choice_mask"], -1e9)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(ours, model.logits(batch["input_ids"], batch["attention_mask"], batch["choice_mask"]) * 0)
+    assert not torch.allclose(ours, ours * 0)
 
 
 def test_encoder_classification_model(tiny_bert):
@@ -148,10 +148,11 @@ def test_decoder_classifier_on_a_classification_task(tiny_llama):
     batch = data.batch(torch.arange(6))
     lengths = batch["attention_mask"].sum(1)
     assert lengths.min() < lengths.max()  # some rows are padded
-    padded = model.logits(batch["input_ids"], batch["attention_mask"])
+    padded = model.logits_at({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     for i in range(6):
         n = int(lengths[i])
-        alone = model.logits(batch["input_ids"][i:i + 1, :n], batch["attention_mask"][i:i + 1, :n])
+        alone = model.logits_at({"input_ids": batch["input_ids"][i:i + 1, :n],
+                                 "attention_mask": batch["attention_mask"][i:i + 1, :n]})
         torch.testing.assert_close(padded[i], alone[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no query/value projections"):
         default_targets(nn.Sequential(nn.Linear(2, 2)))
