@@ -132,7 +132,7 @@ def flipout_gradient_variance(model, guide, elbo, batch, draws: int) -> dict[str
         for p in model.params.values():
             p.normal_(0, 0.02)
     store = pyro.get_param_store()
-    Ms = [store[f"{s.name}.M"] for s in model.sites]
+    Ms = [store[f"{guide.prefix}.M"]]
     out = {}
     for name, use in (("flipout", True), ("plain", False)):
         grads = []

@@ -9,11 +9,16 @@ For every site (the ``A`` matrices; ``B`` too when the model makes it a site)::
 ``B`` stays a deterministic ``pyro.param`` of the model, zero at the start, so the model equals
 the base model at step 0. A hierarchical prior's own latent sites (a sampled prior scale) get a
 guide of their own, Pyro's ``AutoNormal`` by default (``hyper_guide``), built over
-:meth:`~pyro_llm.models.BayesianLoRAModel.sample_prior_hyperparameters` and run first. The guide is an ordinary Pyro guide: it registers ``pyro.param`` s
-``<site>.M`` and ``<site>.G`` and samples each site from a ``Normal`` with the site's event
-shape, so ``TraceMeanField_ELBO`` uses the closed-form KL when the prior has one and a sampled
-estimate otherwise; ``Trace_ELBO`` and ``Predictive`` work as with any guide. Flipout is not
-part of the guide: wrap inference in :func:`pyro_llm.poutine.flipout`.
+:meth:`~pyro_llm.models.BayesianLoRAModel.sample_prior_hyperparameters` and run first.
+
+The guide is an ordinary Pyro guide: every site is sampled from a ``Normal`` with the site's
+event shape, so ``TraceMeanField_ELBO`` uses the closed-form KL when the prior has one and a
+sampled estimate otherwise; ``Trace_ELBO`` and ``Predictive`` work as with any guide. Its
+parameters are two flat ``pyro.param`` s, ``<prefix>.M`` and ``<prefix>.G`` (every site's
+entries, in the model's site order), drawn from once per step for all sites
+(:class:`~pyro_llm.distributions.FlatNormal`): the optimiser sees two tensors, a step draws
+one noise tensor, and the mean-field ELBO computes one KL. :meth:`BLoBGuide.params` gives a
+site's views. Flipout is not part of the guide: wrap inference in :func:`pyro_llm.poutine.flipout`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 from pyro.infer.autoguide import AutoNormal
 
+from ..distributions import FlatNormal
 from ..models.model import BayesianLoRAModel
 from .roles import SCALE, declared_param_groups
 
@@ -42,15 +48,19 @@ class BLoBGuide:
     :param sigma_param: ``"square"`` (``sigma = G^2``, BLoB) or ``"softplus"``.
     :param hyper_guide: ``guide_factory(hyper_model) -> guide`` for the prior's own latent sites, if
         it has any (default: ``AutoNormal``; ``AutoDelta`` gives type-II MAP hyper-parameters).
+    :param prefix: the names of its two parameters, ``<prefix>.M`` and ``<prefix>.G``.
     """
 
     def __init__(self, model: BayesianLoRAModel, eps: float = 0.05, sigma_param: str = "square",
-                 hyper_guide: Callable[[Callable[..., Any]], Any] = AutoNormal) -> None:
+                 hyper_guide: Callable[[Callable[..., Any]], Any] = AutoNormal, prefix: str = "blob") -> None:
         if sigma_param not in ("square", "softplus"):
             raise ValueError(f"sigma_param must be 'square' or 'softplus', got {sigma_param!r}")
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
+        if prefix in model.site_names or any(n.startswith(f"{prefix}.") for n in model.site_names):
+            raise ValueError(f"prefix {prefix!r} clashes with the model's site names")
         self.model = model
+        self.prefix = prefix
         self.eps = eps
         self.sigma_param = sigma_param
         self._hyper_factory = hyper_guide
@@ -77,33 +87,50 @@ class BLoBGuide:
     def sigma(self, G: torch.Tensor) -> torch.Tensor:
         return G ** 2 if self.sigma_param == "square" else F.softplus(G)
 
-    def params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M, G)`` of a site, created on first use."""
-        site = self.model.site(name)
-        w = site.module.weight
-        M = pyro.param(f"{name}.M", lambda: w.detach().float().clone())
-        G = pyro.param(f"{name}.G", lambda: self._init_G(w.shape, w.device))
+    def flat_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat ``(M, G)`` of every site, created on first use."""
+        sites = self.model.sites
+
+        def init_M() -> torch.Tensor:
+            return torch.cat([s.module.weight.detach().float().reshape(-1) for s in sites])
+
+        M = pyro.param(f"{self.prefix}.M", init_M)
+        G = pyro.param(f"{self.prefix}.G", lambda: self._init_G(M.shape, M.device))
         return M, G
+
+    def params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, G)`` of one site: views of the flat parameters."""
+        M, G = self.flat_params()
+        i = self.model.site_names.index(name)
+        sizes = [s.shape.numel() for s in self.model.sites]
+        start, shape = sum(sizes[:i]), self.model.sites[i].shape
+        return M[start:start + sizes[i]].view(shape), G[start:start + sizes[i]].view(shape)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         out = dict(self.hyper()) if self.hyper is not None else {}
+        M, G = self.flat_params()
+        q = FlatNormal(M, self.sigma(G), self.model.site_names, [s.shape for s in self.model.sites])
         for site in self.model.sites:
-            M, G = self.params(site.name)
-            out[site.name] = pyro.sample(site.name, dist.Normal(M, self.sigma(G)).to_event(M.dim()))
+            out[site.name] = pyro.sample(site.name, q.site(site.name).to_event(len(site.shape)))
         return out
 
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """The posterior means ``M`` (BLoB's ``N = 0`` prediction)."""
-        return {s.name: self.params(s.name)[0].detach() for s in self.model.sites}
+        return self._per_site(self.flat_params()[0].detach())
 
     def param_groups(self) -> dict[str, list[torch.Tensor]]:
         """The ``G``'s are scales (:mod:`pyro_llm.guides.roles`); ``M`` and the hyper-guide's own
         parameters follow its declaration."""
         store = dict(pyro.get_param_store().named_parameters())
-        scales = [store[f"{s.name}.G"] for s in self.model.sites if f"{s.name}.G" in store]
+        scales = [store[f"{self.prefix}.G"]] if f"{self.prefix}.G" in store else []
         if self.hyper is not None:
             scales += declared_param_groups(self.hyper).get(SCALE, [])
         return {SCALE: scales}
 
     def scales(self) -> dict[str, torch.Tensor]:
-        return {s.name: self.sigma(self.params(s.name)[1]).detach() for s in self.model.sites}
+        """Every site's ``sigma``."""
+        return self._per_site(self.sigma(self.flat_params()[1]).detach())
+
+    def _per_site(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        sites = self.model.sites
+        return {s.name: p.view(s.shape) for s, p in zip(sites, flat.split([s.shape.numel() for s in sites]))}

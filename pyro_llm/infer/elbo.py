@@ -43,6 +43,7 @@ from pyro.util import check_model_guide_match
 from torch.distributions import Normal as TorchNormal, kl_divergence
 from torch.distributions.kl import _dispatch_kl
 
+from ..distributions import FlatNormal, NormalPiece
 from .normal_kl import iid_normal_kl_sum
 
 __all__ = ["MeanFieldELBO", "has_closed_form_kl", "normal_marginal"]
@@ -66,7 +67,7 @@ def _normal_pair(q: Any, p: Any) -> tuple[Normal, Normal] | None:
     if q.batch_shape or p.batch_shape or q.event_shape != p.event_shape:
         return None
     qb, pb = q.base_dist, p.base_dist
-    if type(qb) is not Normal or type(pb) is not Normal:
+    if not (isinstance(qb, Normal) and isinstance(pb, Normal)):
         return None
     return qb, pb
 
@@ -92,13 +93,36 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def _whole_draws(pairs: list[tuple[Normal, Normal]]) -> tuple[list[FlatNormal], list[tuple[Normal, Normal]]]:
+    """The joint draws (:class:`~pyro_llm.distributions.FlatNormal`) all of whose pieces are among
+    ``pairs``, and the pairs left over."""
+    by_whole: dict[int, list[tuple[Normal, Normal]]] = {}
+    for pair in pairs:
+        whole = getattr(pair[0], "whole", None)
+        if isinstance(pair[0], NormalPiece) and whole is not None:
+            by_whole.setdefault(id(whole), []).append(pair)
+    wholes, used = [], set()
+    for group in by_whole.values():
+        whole = group[0][0].whole
+        if sorted(q.name for q, _ in group) == sorted(whole.names) and \
+                all(q.loc.shape == s for (q, _), s in zip(sorted(group, key=lambda g: whole.index[g[0].name]),
+                                                          whole.shapes)):
+            wholes.append(whole)
+            used.update(id(q) for q, _ in group)
+    return wholes, [pair for pair in pairs if id(pair[0]) not in used]
+
+
 def _fused_normal_kl(pairs: list[tuple[Normal, Normal]], scalar_prior: bool) -> torch.Tensor:
     """``sum_i KL(q_i || p_i)`` for elementwise Normals in one autograd node: with ``scalar_prior``
     (every ``p_i`` broadcasts the same scalar loc and scale: BLoB's i.i.d. Gaussian prior)
-    :func:`~pyro_llm.infer.normal_kl.iid_normal_kl_sum`, site by site without copies; otherwise
-    one ``kl_divergence`` over the concatenated parameters."""
+    :func:`~pyro_llm.infer.normal_kl.iid_normal_kl_sum`, over each whole joint draw's flat
+    parameters at once and site by site without copies for the rest; otherwise one
+    ``kl_divergence`` over the concatenated parameters."""
     locs, scales = [q.loc for q, _ in pairs], [q.scale for q, _ in pairs]
     if scalar_prior:
+        wholes, rest = _whole_draws(pairs)
+        locs = [w.loc for w in wholes] + [q.loc for q, _ in rest]
+        scales = [w.scale for w in wholes] + [q.scale for q, _ in rest]
         p = pairs[0][1]
         p_loc, p_scale = _broadcast_scalar(p.loc), _broadcast_scalar(p.scale)
         if all(loc.shape == scale.shape for loc, scale in zip(locs, scales)):

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Mapping
 
 import pyro
@@ -151,13 +152,27 @@ class BayesianLoRAModel:
                              "under the same plates")
         return torch.Size(leads.pop())
 
+    def use_values(self, values: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Deprecated: the sites' values as module state for a block; use :meth:`logits_at`, which
+        takes them as an argument."""
+        warnings.warn("BayesianLoRAModel.use_values is deprecated; use model.logits_at(batch, values)",
+                      DeprecationWarning, stacklevel=2)
+        return self._use_values(values)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choice_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits at the adapter's own weights (or inside the deprecated :meth:`use_values`);
+        :meth:`logits_at` is the same forward with the site values as an argument."""
+        return self.logits_at({"input_ids": input_ids, "attention_mask": attention_mask, "choice_mask": choice_mask,
+                               "token_type_ids": token_type_ids})
+
     def logits_at(self, batch: Mapping[str, torch.Tensor | None],
                   values: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Class logits (float32) of ``batch`` with the sites at ``values`` (default: the adapter's own
         weights), outside Pyro: the deterministic forward that prediction, the GLM predictive and
         K-FAC differentiate. ``values`` may carry a leading sample dimension ``S``; the batch must then
         be ``S`` stacked copies. Keys of ``batch`` other than the inputs (labels, index) are ignored."""
-        with self._use_values(values or {}):
+        with self._use_values(values) if values else contextlib.nullcontext():
             logits = self.head(self.peft_model, batch["input_ids"], batch["attention_mask"],
                                batch.get("token_type_ids")).float()
         choice_mask = batch.get("choice_mask")
@@ -184,8 +199,6 @@ class BayesianLoRAModel:
                 for t in (input_ids, attention_mask, choice_mask, token_type_ids))
         logits = self.logits_at({"input_ids": input_ids, "attention_mask": attention_mask, "choice_mask": choice_mask,
                                  "token_type_ids": token_type_ids}, values)
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError("the network produced NaN or infinite logits (diverged weights or bad input)")
         if lead:
             logits = logits.reshape(*lead, -1, logits.shape[-1])
         batch = logits.shape[-2]

@@ -34,7 +34,6 @@ second step on it computes the products of sites that read the same input togeth
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -45,50 +44,31 @@ import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 
-__all__ = ["FlipoutMessenger", "FlipoutNotApplied", "flipout", "flipout_product", "rademacher", "sign_table"]
+from ..distributions import FlatNormal, NormalPiece
+
+__all__ = ["FlipoutMessenger", "FlipoutNotApplied", "flipout", "flipout_product", "rademacher"]
 
 
-def sign_table(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """The ``256 x 8`` table whose row ``b`` holds the eight bits of byte ``b`` as ``+-1``."""
-    bits = torch.arange(256, device=device)[:, None].bitwise_right_shift(torch.arange(8, device=device)) & 1
-    return bits.to(dtype).mul_(2).sub_(1)
-
-
-def rademacher(shape: torch.Size | tuple[int, ...], like: torch.Tensor, table: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """Independent uniform ``+-1`` entries of ``like``'s dtype and device.
-
-    Random 32-bit words (``randint`` over the whole int32 range: exactly uniform, four bytes per
-    draw) are read as bytes, and each byte gives eight signs, looked up in :func:`sign_table`
-    (pass ``table`` to reuse one): one random draw per 32 signs and one gather that writes them,
-    where drawing ``n`` integers and mapping them to ``+-1`` takes several passes. The signs are
-    the per-row cost of Flipout; on this project's 2-core CPU the lookup took half the time of
-    unpacking the bits with shifts, and words instead of single bytes took another third off
-    (0.12 against 0.17-0.23 ms for SmolLM2's 312 x 592 signs). ``tests/guides/test_blob.py`` checks the
-    distribution.
-    """
-    n = math.prod(shape)
-    table = sign_table(like.dtype, like.device) if table is None else table
-    words = torch.randint(-2 ** 31, 2 ** 31, ((n + 31) // 32,), dtype=torch.int32, device=like.device)
-    raw = words.view(torch.uint8).int()  # index_select takes int32/int64 indices
-    return table.index_select(0, raw).reshape(-1)[:n].reshape(shape)
+def rademacher(shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Independent uniform ``+-1`` entries of ``like``'s dtype and device: one ``randint`` draw
+    made in that dtype (Philox counters on CUDA, no lookup table, no cast) and two in-place passes
+    that map ``{0, 1}`` to ``{-1, +1}``. ``tests/guides/test_blob.py`` checks the distribution."""
+    return torch.randint(0, 2, tuple(shape), dtype=like.dtype, device=like.device).mul_(2).sub_(1)
 
 
 def flipout_product(x: torch.Tensor, loc: torch.Tensor, delta: torch.Tensor,
-                    x_flipped: torch.Tensor | None = None, s_out: torch.Tensor | None = None,
-                    table: torch.Tensor | None = None) -> torch.Tensor:
+                    x_flipped: torch.Tensor | None = None, s_out: torch.Tensor | None = None) -> torch.Tensor:
     """``x loc^T + ((x * s_in) delta^T) * s_out`` with independent Rademacher signs per row.
 
     :param x_flipped: ``x * s_in`` when already drawn, to share one input sign draw (and its
         product) between products of the same ``x``; drawn here otherwise.
     :param s_out: the output signs (``x``'s rows by ``loc``'s rows) when already drawn.
-    :param table: a :func:`sign_table` of ``x``'s dtype and device to reuse.
     """
     loc, delta = loc.to(x.dtype), delta.to(x.dtype)
     if x_flipped is None:
-        x_flipped = x * rademacher(x.shape, x, table)
+        x_flipped = x * rademacher(x.shape, x)
     if s_out is None:
-        s_out = rademacher(x.shape[:-1] + (loc.shape[0],), x, table)
+        s_out = rademacher(x.shape[:-1] + (loc.shape[0],), x)
     return torch.addcmul(F.linear(x, loc), F.linear(x_flipped, delta), s_out)
 
 
@@ -144,25 +124,19 @@ class FlipoutMessenger(Messenger):
         self._noise: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> (A, sigma * E)
         self._input: _Input | None = None
         self._groups: dict[str, tuple[str, ...]] = {}  # first site of an input -> all its sites, kept across entries
-        self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._whole: dict[str, FlatNormal] = {}  # site -> the joint draw it is a piece of
         self._auxiliary: dict[int, tuple[dist.Normal, torch.Tensor, torch.Tensor]] = {}  # id(value) -> (q, value, noise)
         self._skipped: dict[str, str] = {}  # site -> its guide distribution's type, when not a Normal marginal
         self._warned: set[str] = set()
 
     def __enter__(self) -> "FlipoutMessenger":
-        self._q, self._noise, self._input, self._auxiliary = {}, {}, None, {}
+        self._q, self._noise, self._input, self._auxiliary, self._whole = {}, {}, None, {}, {}
         return super().__enter__()
 
     def __exit__(self, *args: object) -> None:
         self._close_input()
-        self._noise, self._auxiliary = {}, {}
+        self._noise, self._auxiliary, self._whole = {}, {}, {}
         return super().__exit__(*args)
-
-    def _table(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device)
-        if key not in self._tables:
-            self._tables[key] = sign_table(x.dtype, x.device)
-        return self._tables[key]
 
     def _close_input(self) -> None:
         """Remember which sites read the input that is done with."""
@@ -198,7 +172,11 @@ class FlipoutMessenger(Messenger):
             self._skipped[name] = type(fn).__name__
             return
         self._q[name] = base
-        if base.loc.shape == base.scale.shape == msg["fn"].shape():  # no broadcasting: draw here
+        if isinstance(base, NormalPiece) and base.loc.shape == msg["fn"].shape():  # a piece of a joint draw
+            msg["value"] = base.rsample()
+            self._noise[name] = (msg["value"], base.whole.piece("noise", name))
+            self._whole[name] = base.whole
+        elif base.loc.shape == base.scale.shape == msg["fn"].shape():  # no broadcasting: draw here
             noise = base.scale * torch.randn_like(base.loc)
             msg["value"] = base.loc + noise
             self._noise[name] = (msg["value"], noise)
@@ -249,22 +227,38 @@ class FlipoutMessenger(Messenger):
     def _products(self, inp: _Input, members: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """The Flipout products of ``members`` (site, A) with ``inp.x`` in one pass; returns the
         first one's and keeps the others' in ``inp.ahead``."""
-        x, table = inp.x, self._table(inp.x)
-        parts = [self._loc_delta(name, weight) for name, weight in members]
-        ranks = [loc.shape[0] for loc, _ in parts]
+        x = inp.x
+        loc, delta = self._stacked(members, x.dtype)
+        ranks = [w.shape[0] for _, w in members]
         if inp.flipped is None:  # s_in and these sites' s_out in one draw
             d_in = x.shape[-1]
-            signs = rademacher(x.shape[:-1] + (d_in + sum(ranks),), x, table)
+            signs = rademacher(x.shape[:-1] + (d_in + sum(ranks),), x)
             inp.flipped, s_out = x * signs[..., :d_in], signs[..., d_in:]
         else:
-            s_out = rademacher(x.shape[:-1] + (sum(ranks),), x, table)
-        if len(parts) == 1:
-            return flipout_product(x, *parts[0], inp.flipped, s_out)
-        loc, delta = (torch.cat(t) for t in zip(*parts))
-        pieces = flipout_product(x, loc, delta, inp.flipped, s_out).split(ranks, dim=-1)
+            s_out = rademacher(x.shape[:-1] + (sum(ranks),), x)
+        product = flipout_product(x, loc, delta, inp.flipped, s_out)
+        if len(members) == 1:
+            return product
+        pieces = product.split(ranks, dim=-1)
         for (name, weight), piece in zip(members[1:], pieces[1:]):
             inp.ahead[name] = (weight, piece)
         return pieces[0]
+
+    def _stacked(self, members: list[tuple[str, torch.Tensor]], dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, A - M)`` of ``members`` with their rows stacked: a view of the joint draw's flat
+        tensors when the members are neighbours there and drew exactly these ``A``, else stacked."""
+        names = [name for name, _ in members]
+        whole = self._whole.get(names[0])
+        if whole is not None and all(self._whole.get(n) is whole and self._noise[n][0] is w for n, w in members):
+            block = whole.block(names, list(self._groups.values()), dtype)
+            if block is not None:
+                return block
+        parts = [self._loc_delta(name, weight) for name, weight in members]
+        if len(parts) == 1:
+            return parts[0]
+        loc, delta = (torch.cat(t) for t in zip(*parts))
+        return loc, delta
 
 
 def flipout(fn=None, sites: Iterable[str] | None = None):

@@ -53,7 +53,7 @@ def _mixed(model):
 
 # name -> (factory, guide parameters per site or in all, scale tensors, Flipout applies to every site)
 GUIDES = {
-    "blob": (BLoBGuide, lambda n: 2 * n, lambda n: n, True),
+    "blob": (BLoBGuide, lambda n: 2, lambda n: 1, True),  # one flat M and one flat G for all sites
     "autodelta": (lambda m: AutoDelta(m, init_loc_fn=m.init_loc_fn()), lambda n: n, lambda n: 0, False),
     "autonormal": (lambda m: AutoNormal(m, init_loc_fn=m.init_loc_fn(), init_scale=0.01), lambda n: 2 * n,
                    lambda n: n, True),
