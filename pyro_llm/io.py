@@ -62,11 +62,19 @@ def atomic_save_tensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        cpu = {k: _own_storage(v.detach().to("cpu")) for k, v in tensors.items()}
         save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor that owns its whole storage (safetensors refuses views and shared memory,
+    e.g. factors that are slices of one batched decomposition, or one factor shared by two sites)."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ again without sharing, so the factors never depend on it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,44 +65,53 @@ class _SharingChanged(RuntimeError):
 class FactorAccumulator:
     """Running ``sum x x^T`` of row vectors, dense or as a streamed rank-``rank`` eigenbasis.
 
-    Dense accumulation keeps the rows themselves while there are fewer of them than ``dim``
-    (K-FAC "reduce" on a few hundred prompts: one row per prompt against ``d = 576``): the
-    eigenpairs then come from a thin SVD of the ``n x d`` rows, exactly, at ``O(n^2 d)`` instead
-    of a ``d x d`` product per batch and a ``d x d`` eigenproblem. Past ``dim`` rows the ``d x d``
-    sum is formed and kept as before.
+    Dense accumulation keeps the rows themselves, as the hooks computed them (no cast, no copy on
+    the device per batch), while there are at most ``dim`` of them (K-FAC "reduce" on a few hundred
+    prompts: one row per prompt against ``d = 576``): the eigenpairs then come from a thin SVD of
+    the ``n x d`` rows, exactly, at ``O(n^2 d)`` instead of a ``d x d`` eigenproblem. Once there
+    are more than ``dim`` rows and more than ``keep`` numbers kept, they are folded into a float64
+    ``d x d`` sum, many batches at a time. Nothing is decomposed before the end (:func:`decompose`),
+    where all factors of one kind go through one batched call on the CPU in float64.
     """
 
-    def __init__(self, dim: int, rank: int, dense: bool, device: torch.device) -> None:
-        self.dim, self.rank, self.dense = dim, min(rank, dim), dense
+    def __init__(self, dim: int, rank: int, dense: bool, device: torch.device, keep: int = 2 ** 20) -> None:
+        self.dim, self.rank, self.dense, self.keep = dim, min(rank, dim), dense, keep
         self.count = 0
         self._results: dict[tuple[float, int | None], EigenFactor] = {}
         self.device = device
-        self.mat: torch.Tensor | None = None  # the dense d x d sum, once formed
-        self.rows: list[torch.Tensor] = []  # dense mode, before the sum is formed
-        self.num_rows = 0
-        self.basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)  # columns U with U U^T ~ sum
+        self.mat: torch.Tensor | None = None  # the dense d x d sum (float64), once formed
+        self.rows: list[torch.Tensor] = []  # dense mode: rows not yet folded into mat
+        self.num_rows = 0  # rows in self.rows
+        self._basis: torch.Tensor | None = None  # streamed mode: columns U with U U^T ~ sum
+
+    @property
+    def basis(self) -> torch.Tensor:
+        if self._basis is None:
+            return torch.zeros(self.dim, 0, dtype=torch.float64, device=self.device)
+        return self._basis
 
     def add(self, rows: torch.Tensor, count: int) -> None:
-        rows = rows.double()
         self.count += count
         if rows.shape[0] == 0:
             return
         if self.dense:
-            if self.mat is None and self.num_rows + rows.shape[0] <= self.dim:
-                self.rows.append(rows)
-                self.num_rows += rows.shape[0]
-                return
-            if self.mat is None:
-                self.mat = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-                for kept in self.rows:
-                    self.mat.addmm_(kept.T, kept)
-                self.rows = []
-            self.mat.addmm_(rows.T, rows)
+            self.rows.append(rows)
+            self.num_rows += rows.shape[0]
+            if self.num_rows > self.dim and self.num_rows * self.dim > self.keep:
+                self.fold()
             return
-        stacked = _finite(torch.cat([self.basis, rows.T], dim=1))
+        stacked = _finite(torch.cat([self.basis, rows.double().T], dim=1))
         U, sv, _ = torch.linalg.svd(stacked, full_matrices=False)
         k = min(self.rank, sv.shape[0])
-        self.basis = U[:, :k] * sv[:k]
+        self._basis = U[:, :k] * sv[:k]
+
+    def fold(self) -> None:
+        """Add the kept rows to the dense ``d x d`` sum (forming it)."""
+        if not self.rows:
+            return
+        R = torch.cat(self.rows).double() if len(self.rows) > 1 else self.rows[0].double()
+        self.mat = R.T @ R if self.mat is None else self.mat.addmm_(R.T, R)
+        self.rows, self.num_rows = [], 0
 
     def same_kind(self, other: "FactorAccumulator") -> bool:
         return (self.dim, self.rank, self.dense) == (other.dim, other.rank, other.dense)
@@ -110,17 +120,8 @@ class FactorAccumulator:
         """The eigen-factor of ``scale * sum x x^T`` (computed once per ``(scale, rank)``)."""
         key = (scale, rank)
         if key not in self._results:
-            self._results[key] = self._result(scale, rank)
+            self._results[key] = decompose([(self, scale, rank)])[0]
         return self._results[key]
-
-    def _result(self, scale: float, rank: int | None) -> EigenFactor:
-        rank = rank or self.rank
-        if self.dense and self.mat is not None:
-            return EigenFactor.from_matrix(self.mat * scale, rank)
-        if self.dense:  # fewer rows than dim: R^T R = C C^T with C = R^T
-            columns = _finite(torch.cat(self.rows).T) if self.rows else self.basis
-            return _gram_eigen(columns, scale, rank)
-        return _gram_eigen(self.basis, scale, rank)
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -129,12 +130,59 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def decompose(requests: list[tuple[FactorAccumulator, float, int | None]]) -> list[EigenFactor]:
+    """The eigen-factors of ``scale * sum x x^T`` for many ``(accumulator, scale, rank)`` at once.
+
+    Accumulators of one kind are decomposed together, in float64 on the CPU, and the results go
+    back to the accumulators' device in one transfer per kind: the rows of all factors with the
+    same ``n x d`` in one batched thin SVD, the small dense sums of one ``d`` in one batched
+    ``eigh``. Large dense sums use :func:`~pyro_llm.curvature.eig.top_eigenpairs` each, streamed
+    bases a thin SVD each. One finiteness check (one host sync) covers all batched inputs."""
+    out: list[EigenFactor | None] = [None] * len(requests)
+    by_rows: dict[tuple[int, int], list[int]] = {}
+    by_mat: dict[int, list[int]] = {}
+    for i, (acc, _, rank) in enumerate(requests):
+        if acc.dense and acc.mat is not None:
+            acc.fold()
+            if 4 * min(acc.dim, 2 * (rank or acc.rank) + 8) >= acc.dim:  # top_eigenpairs would go dense too
+                by_mat.setdefault(acc.dim, []).append(i)
+            else:
+                out[i] = EigenFactor.from_matrix(_finite(acc.mat) * requests[i][1], rank or acc.rank)
+        elif acc.dense and acc.rows:
+            by_rows.setdefault((acc.num_rows, acc.dim), []).append(i)
+        else:
+            out[i] = _gram_eigen(acc.basis, requests[i][1], rank or acc.rank)
+    batches = [(False, idx, torch.cat([r for i in idx for r in requests[i][0].rows]).view(len(idx), n, d))
+               for (n, d), idx in by_rows.items()]
+    batches += [(True, idx, torch.stack([requests[i][0].mat for i in idx])) for idx in by_mat.values()]
+    if batches:
+        flags = torch.stack([t.isfinite().all() for _, _, t in batches])
+        if not bool(flags.all()):
+            raise FloatingPointError("non-finite activations or gradients while collecting K-FAC factors")
+    for is_sum, idx, stacked in batches:
+        device = requests[idx[0]][0].device
+        data = stacked.to("cpu", torch.float64)
+        scales = torch.tensor([requests[i][1] for i in idx], dtype=torch.float64)[:, None]
+        if is_sum:
+            vals, vecs = torch.linalg.eigh(data)  # ascending
+            vals, vecs = (vals.flip(-1) * scales).clamp_min(0.0), vecs.flip(-1)
+        else:
+            vecs, sv, _ = torch.linalg.svd(data.transpose(1, 2), full_matrices=False)
+            vals = sv.square() * scales
+        vals, vecs = vals.to(device), vecs.to(device)
+        for j, i in enumerate(idx):
+            acc, _, rank = requests[i]
+            k = min(rank or acc.rank, vals.shape[-1])
+            out[i] = EigenFactor(vals[j, :k], vecs[j, :, :k])
+    return [f for f in out if f is not None]  # every request answered above
+
+
 def _gram_eigen(columns: torch.Tensor, scale: float, rank: int) -> EigenFactor:
     """The top-``rank`` eigenpairs of ``scale * C C^T`` for ``C`` of shape ``d x m``, exactly, from
     the thin SVD of ``C`` (``C = U S V^T`` gives eigenvectors ``U`` and eigenvalues ``S^2``)."""
     if columns.shape[1] == 0:
         return EigenFactor(torch.zeros(0, dtype=columns.dtype, device=columns.device), columns)
-    U, sv, _ = torch.linalg.svd(columns, full_matrices=False)
+    U, sv, _ = torch.linalg.svd(_finite(columns), full_matrices=False)
     k = min(rank, sv.shape[0])
     return EigenFactor((sv[:k] ** 2) * scale, U[:, :k].contiguous())
 
@@ -161,24 +209,26 @@ class _SiteHooks:
         self.partner: _SiteHooks | None = None  # the earlier site fed the same input (first batch)
         self.owner: _SiteHooks | None = None  # the site whose input factor this one shares
 
-    def _mask(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.state["mask"]
-        if x.dim() == 3 and mask is not None and mask.shape == x.shape[:2]:
-            return mask.to(x.dtype)
-        return torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device).reshape(x.shape[0], -1)
+    def _weights(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """The batch's ``B x 1 x T`` row weights (``"mask"``: 1 on real tokens; ``"mean"``: the mask
+        over each row's length), made once per batch in ``_fit``; all ones for inputs of another shape."""
+        w = self.state[key]
+        if x.dim() == 3 and w is not None and w.shape[0] == x.shape[0] and w.shape[2] == x.shape[1]:
+            return w if w.dtype == x.dtype else w.to(x.dtype)
+        ones = torch.ones(x.shape[0], 1, x[0].numel() // x.shape[-1], dtype=x.dtype, device=x.device)
+        return ones / ones.shape[2] if key == "mean" else ones
 
     def _forward(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
             return
         x = inputs[0]
-        mask = self._mask(x)
+        mask = self._weights(x, "mask")
         output.register_hook(lambda g, m=mask: self._backward(g, m))
         if self._shares_input(x):
             return
         x = x.detach().reshape(x.shape[0], -1, x.shape[-1])
         if self.cfg.mode == "reduce":  # masked mean over positions as one batched product
-            lengths = mask.sum(1, keepdim=True).clamp_min(1)
-            rows = torch.bmm(mask[:, None, :], x).squeeze(1) / lengths
+            rows = torch.bmm(self._weights(x, "mean"), x).squeeze(1)
         else:
             rows = x.reshape(-1, x.shape[-1])[mask.reshape(-1) > 0]
         self.A.add(rows, rows.shape[0])
@@ -203,17 +253,14 @@ class _SiteHooks:
     def _backward(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
         g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
         if self.cfg.mode == "reduce":
-            rows = torch.bmm(mask.to(g.dtype)[:, None, :], g).squeeze(1)
+            rows = torch.bmm(mask if mask.dtype == g.dtype else mask.to(g.dtype), g).squeeze(1)
         else:
             rows = g.reshape(-1, g.shape[-1])[mask.reshape(-1) > 0]
         self.S.add(rows, rows.shape[0])
 
-    def result(self) -> tuple[EigenFactor, EigenFactor]:
+    def requests(self) -> list[tuple[FactorAccumulator, float, int | None]]:
         # S is a sum over examples/tokens, A a mean (see the module docstring)
-        A = self.A.result(1.0 / max(self.A.count, 1), None)
-        if self.owner is not None:  # its own tensors: saved factors never share memory
-            A = EigenFactor(A.eigvals.clone(), A.eigvecs.clone())
-        return self.S.result(1.0, None), A
+        return [(self.S, 1.0, None), (self.A, 1.0 / max(self.A.count, 1), None)]
 
 
 def fit_kfac(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig = KFACConfig(), *,
@@ -240,28 +287,36 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
          progress: bool, generator: torch.Generator | None, share: bool) -> KFACFactors:
     device = model.device
     values = values if values is not None else model.point_values()
-    state: dict[str, Any] = {"mask": None, "share": share, "first_batch": True, "inputs": []}
+    state: dict[str, Any] = {"mask": None, "mean": None, "share": share, "first_batch": True, "inputs": []}
     hooks = [_SiteHooks(s.name, s.module, config, state) for s in model.sites]
-    loglik = 0.0
+    loglik = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for i, idx in enumerate(tqdm(list(data.sequential(config.batch_size)), desc="k-fac", disable=not progress,
                                      leave=False)):
             batch = data.batch(idx, device)
-            # the mask as float once per batch, not once per site hook (120 of them for SmolLM2)
-            state.update(mask=batch["attention_mask"].float(), first_batch=i == 0, inputs=[])
+            # the row weights once per batch, not once per site hook (120 of them for SmolLM2)
+            mask = batch["attention_mask"].float()[:, None, :]
+            state.update(mask=mask, mean=mask / mask.sum(2, keepdim=True).clamp_min(1), first_batch=i == 0, inputs=[])
             with torch.enable_grad():
                 logits = model.logits_at(batch, {k: v.detach().requires_grad_(True) for k, v in values.items()})
                 logp = logits.log_softmax(-1)
-                loglik += float(logp.detach().gather(1, batch["labels"][:, None]).sum())
+                loglik += logp.detach().gather(1, batch["labels"][:, None]).sum()
                 if config.fisher == "mc":
                     y = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
                 else:
                     y = batch["labels"]
-                nll = -logp.gather(1, y[:, None]).sum()
-                if not torch.isfinite(nll):
-                    raise FloatingPointError("non-finite log-likelihood while collecting K-FAC factors")
-                nll.backward()
+                (-logp.gather(1, y[:, None]).sum()).backward()
     finally:
         for h in hooks:
             h.handle.remove()
-    return KFACFactors({h.name: h.result() for h in hooks}, loglik, len(data), config)
+    # one decomposition per factor, however many sites share it, all at the end
+    unique: dict[int, tuple[FactorAccumulator, float, int | None]] = {}
+    for h in hooks:
+        for req in h.requests():
+            unique.setdefault(id(req[0]), req)
+    found = dict(zip(unique, decompose(list(unique.values()))))
+    total = float(loglik)  # the fit's one host sync besides the decomposition's check
+    if not math.isfinite(total):
+        raise FloatingPointError("non-finite log-likelihood while collecting K-FAC factors")
+    factors = {h.name: (found[id(h.S)], found[id(h.A)]) for h in hooks}
+    return KFACFactors(factors, total, len(data), config)

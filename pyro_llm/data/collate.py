@@ -26,13 +26,17 @@ class EncodedDataset:
     choice_mask: torch.Tensor
     token_type_ids: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # row lengths as Python ints, once: trimming a batch then reads no tensor (no host sync)
+        self._lengths: list[int] = self.attention_mask.sum(1).tolist()
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def batch(self, index: torch.Tensor, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The model's keyword arguments for the rows ``index`` (trimmed to their longest row)."""
         mask = self.attention_mask[index]
-        width = int(mask.sum(1).max())
+        width = max((self._lengths[i] for i in index.tolist()), default=0)
         out = {
             "input_ids": self.input_ids[index, :width],
             "attention_mask": mask[:, :width],
