@@ -49,11 +49,21 @@ from ..distributions import FlatNormal, NormalPiece
 __all__ = ["FlipoutMessenger", "FlipoutNotApplied", "flipout", "flipout_product", "rademacher"]
 
 
+_AFFINE: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def rademacher(shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Independent uniform ``+-1`` entries of ``like``'s dtype and device: one ``randint`` draw
-    made in that dtype (Philox counters on CUDA, no lookup table, no cast) and two in-place passes
-    that map ``{0, 1}`` to ``{-1, +1}``. ``tests/guides/test_blob.py`` checks the distribution."""
-    return torch.randint(0, 2, tuple(shape), dtype=like.dtype, device=like.device).mul_(2).sub_(1)
+    """Independent uniform ``+-1`` entries of ``like``'s dtype and device: one ``randint`` draw of
+    ``{0, 1}`` made in that dtype (Philox counters on CUDA, no lookup table, no cast), mapped to
+    ``2 b - 1`` by one ``addcmul`` against two cached scalars. ``tests/guides/test_blob.py`` checks
+    the distribution."""
+    key = (like.dtype, like.device)
+    if key not in _AFFINE:
+        _AFFINE[key] = (torch.tensor(-1.0, dtype=like.dtype, device=like.device),
+                        torch.tensor(2.0, dtype=like.dtype, device=like.device))
+    minus_one, two = _AFFINE[key]
+    bits = torch.randint(0, 2, tuple(shape), dtype=like.dtype, device=like.device)
+    return torch.addcmul(minus_one, bits, two)
 
 
 def flipout_product(x: torch.Tensor, loc: torch.Tensor, delta: torch.Tensor,
