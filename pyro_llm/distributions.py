@@ -24,7 +24,14 @@ from typing import Sequence
 import pyro.distributions as dist
 import torch
 
-__all__ = ["FlatNormal", "NormalPiece"]
+__all__ = ["FlatNormal", "NormalPiece", "base_distribution"]
+
+
+def base_distribution(fn: object) -> object:
+    """``fn`` without its ``Independent`` wrappers (the per-entry distribution of a site)."""
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    return fn
 
 
 class FlatNormal:

@@ -27,7 +27,6 @@ import math
 from typing import Any, Callable
 
 import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 

@@ -28,6 +28,7 @@ estimators coincide, and against closed forms where they do not.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ from pyro.util import check_model_guide_match
 from torch.distributions import Normal as TorchNormal, kl_divergence
 from torch.distributions.kl import _dispatch_kl
 
-from ..distributions import FlatNormal, NormalPiece
+from ..distributions import FlatNormal, NormalPiece, base_distribution
 from .normal_kl import iid_normal_kl_sum
 
 __all__ = ["MeanFieldELBO", "has_closed_form_kl", "normal_marginal"]
@@ -139,33 +140,34 @@ def _check_reparametrized(name: str, site: dict[str, Any]) -> None:
         raise NotImplementedError(f"site {name!r}: all distributions in the guide must be fully reparameterized")
 
 
-def _base(fn: Any) -> Any:
-    while isinstance(fn, Independent):
-        fn = fn.base_dist
-    return fn
-
-
 def has_closed_form_kl(q: Any, p: Any) -> bool:
     """Whether ``kl_divergence(q, p)`` has a registered closed form (after matching ``Independent``
     wrappers) that is the KL of ``q``'s density; ``False`` when unsure, which only costs a
     log-density evaluation. A ``Delta`` never has one (module docstring)."""
-    if isinstance(_base(q), Delta):
+    if isinstance(base_distribution(q), Delta):
         return False
     types = _unwrap(q, p)
     return types is not None and _dispatch_kl(*types) is not NotImplemented
 
 
-def normal_marginal(guide_trace: Trace, name: str) -> tuple[Any, str | None]:
+def _auxiliary_by_value(guide_trace: Trace) -> dict[int, tuple[str, Any]]:
+    """``id(value) -> (name, distribution)`` of the trace's auxiliary sample sites."""
+    return {id(site["value"]): (name, site["fn"]) for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and site["infer"].get("is_auxiliary")}
+
+
+def normal_marginal(guide_trace: Trace, name: str, auxiliary: dict[int, tuple[str, Any]] | None = None
+                    ) -> tuple[Any, str | None]:
     """The distribution of guide site ``name`` and, when it is a ``Delta`` placed exactly on an
     auxiliary site's value (``AutoNormal`` on a real-valued site: the identity transform), that
-    auxiliary site's distribution and name instead. Found by the value's identity, not by names."""
+    auxiliary site's distribution and name instead. Found by the value's identity, not by names;
+    pass ``auxiliary`` (:func:`_auxiliary_by_value`) when asking for many sites of one trace."""
     site = guide_trace.nodes[name]
-    delta = _base(site["fn"])
+    delta = base_distribution(site["fn"])
     if isinstance(delta, Delta):
-        value = delta.v
-        for other, aux in guide_trace.nodes.items():
-            if aux["type"] == "sample" and aux["infer"].get("is_auxiliary") and aux["value"] is value:
-                return aux["fn"], other
+        aux = (auxiliary if auxiliary is not None else _auxiliary_by_value(guide_trace)).get(id(delta.v))
+        if aux is not None and guide_trace.nodes[aux[0]]["value"] is delta.v:
+            return aux[1], aux[0]
     return site["fn"], None
 
 
@@ -181,10 +183,11 @@ class _Plan:
 def _plan(model_trace: Trace, guide_trace: Trace) -> _Plan:
     plan = _Plan()
     absorbed = set()
+    auxiliary = _auxiliary_by_value(guide_trace)
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue
-        q, partner = normal_marginal(guide_trace, name)
+        q, partner = normal_marginal(guide_trace, name, auxiliary)
         if has_closed_form_kl(q, site["fn"]):
             plan.kl[name] = q
             if partner is not None:
@@ -202,6 +205,10 @@ class MeanFieldELBO(ELBO):
     one closed-form KL per site where the guide's marginal has one, and the Normal/Normal KLs of
     sites sharing a scale summed in one fused computation."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plans: weakref.WeakKeyDictionary[Trace, _Plan] = weakref.WeakKeyDictionary()
+
     def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> tuple[Trace, Trace]:
         if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
             raise NotImplementedError("MeanFieldELBO needs a callable guide; use Trace_ELBO for a GuideMessenger")
@@ -216,6 +223,7 @@ class MeanFieldELBO(ELBO):
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
         plan = _plan(model_trace, guide_trace)
+        self._plans[guide_trace] = plan  # read back by _particle_loss, not recomputed
         model_trace.compute_log_prob(lambda name, site: site["is_observed"] or name in plan.sampled)
         needed = plan.sampled | plan.auxiliary
         if needed:  # log q of just these guide sites, written into the very site dicts of the trace
@@ -226,7 +234,7 @@ class MeanFieldELBO(ELBO):
 
     def _particle_loss(self, model_trace: Trace, guide_trace: Trace) -> torch.Tensor:
         """The negative ELBO of one particle (module docstring)."""
-        plan = _plan(model_trace, guide_trace)
+        plan = self._plans.pop(guide_trace, None) or _plan(model_trace, guide_trace)
         elbo: torch.Tensor | float = 0.0
         fused: dict[tuple[float, tuple[int, int] | None], list[tuple[Normal, Normal]]] = {}
         for name, model_site in model_trace.nodes.items():

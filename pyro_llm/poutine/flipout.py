@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 
-from ..distributions import FlatNormal, NormalPiece
+from ..distributions import FlatNormal, NormalPiece, base_distribution
 
 __all__ = ["FlipoutMessenger", "FlipoutNotApplied", "flipout", "flipout_product", "rademacher"]
 
@@ -86,15 +86,15 @@ class FlipoutNotApplied(UserWarning):
     """Flipout was asked for, but some LoRA sites' guide distributions are not Normal marginals."""
 
 
-def _unwrap(fn: object) -> object:
-    while isinstance(fn, dist.Independent):
-        fn = fn.base_dist
-    return fn
-
-
 def _normal_base(fn: object) -> dist.Normal | None:
-    fn = _unwrap(fn)
+    fn = base_distribution(fn)
     return fn if isinstance(fn, dist.Normal) else None
+
+
+def _draw(base: dist.Normal) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc + scale * E, scale * E)``: the reparametrised draw ``Normal.rsample`` makes, and its noise."""
+    noise = base.scale * torch.randn_like(base.loc)
+    return base.loc + noise, noise
 
 
 @dataclass
@@ -163,13 +163,12 @@ class FlipoutMessenger(Messenger):
         if msg["infer"].get("is_auxiliary"):  # AutoNormal's <site>_unconstrained: draw it, pair it later
             base = _normal_base(msg["fn"])
             if base is not None and base.loc.shape == base.scale.shape == msg["fn"].shape():
-                noise = base.scale * torch.randn_like(base.loc)
-                msg["value"] = base.loc + noise
+                msg["value"], noise = _draw(base)
                 self._auxiliary[id(msg["value"])] = (base, msg["value"], noise)
             return
         if self.sites is not None and name not in self.sites:
             return
-        fn = _unwrap(msg["fn"])
+        fn = base_distribution(msg["fn"])
         if isinstance(fn, dist.Delta) and id(fn.v) in self._auxiliary and self._auxiliary[id(fn.v)][1] is fn.v:
             base, value, noise = self._auxiliary[id(fn.v)]  # the identity transform of a Normal draw
             self._q[name] = base
@@ -187,8 +186,7 @@ class FlipoutMessenger(Messenger):
             self._noise[name] = (msg["value"], base.whole.piece("noise", name))
             self._whole[name] = base.whole
         elif base.loc.shape == base.scale.shape == msg["fn"].shape():  # no broadcasting: draw here
-            noise = base.scale * torch.randn_like(base.loc)
-            msg["value"] = base.loc + noise
+            msg["value"], noise = _draw(base)
             self._noise[name] = (msg["value"], noise)
 
     def _warn_skipped(self, name: str) -> None:
