@@ -208,6 +208,7 @@ class MeanFieldELBO(ELBO):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._plans: weakref.WeakKeyDictionary[Trace, _Plan] = weakref.WeakKeyDictionary()
+        self._terms: list[tuple[torch.Tensor | float, torch.Tensor | float]] = []
 
     def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> tuple[Trace, Trace]:
         if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
@@ -236,12 +237,14 @@ class MeanFieldELBO(ELBO):
         """The negative ELBO of one particle (module docstring)."""
         plan = self._plans.pop(guide_trace, None) or _plan(model_trace, guide_trace)
         elbo: torch.Tensor | float = 0.0
+        loglik: torch.Tensor | float = 0.0
         fused: dict[tuple[float, tuple[int, int] | None], list[tuple[Normal, Normal]]] = {}
         for name, model_site in model_trace.nodes.items():
             if model_site["type"] != "sample":
                 continue
             if model_site["is_observed"]:
                 elbo = elbo + model_site["log_prob_sum"]
+                loglik = loglik + model_site["log_prob_sum"]
             elif name in plan.sampled:
                 elbo = elbo + model_site["log_prob_sum"] - guide_trace.nodes[name]["log_prob_sum"]
             else:
@@ -257,13 +260,23 @@ class MeanFieldELBO(ELBO):
             elbo = elbo - scale * _fused_normal_kl(pairs, scalar_prior=prior_key is not None)
         for name in plan.auxiliary:
             elbo = elbo - guide_trace.nodes[name]["log_prob_sum"]
+        self._terms.append((loglik, loglik - elbo))
         return -elbo
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = 0.0
+        self._terms = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss = loss + self._particle_loss(model_trace, guide_trace) / self.num_particles
         return loss
+
+    @property
+    def last_terms(self) -> dict[str, torch.Tensor | float]:
+        """The two parts of the last loss, averaged over particles (tensors, not synchronised):
+        ``"nll"``, the expected negative log-likelihood of the data, and ``"kl"``, the (weighted)
+        KL term or its estimate, so that ``loss = nll + kl``."""
+        n = max(len(self._terms), 1)
+        return {"nll": -sum(t[0] for t in self._terms) / n, "kl": sum(t[1] for t in self._terms) / n}
 
     def loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
         with torch.no_grad():

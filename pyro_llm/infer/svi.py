@@ -128,6 +128,7 @@ class SVITrainer:
         self.schedulers: list[torch.optim.lr_scheduler.LambdaLR] = []
         self.history: list[dict[str, float]] = []
         self.last_checkpoint = 0  # the step of the last checkpoint written or resumed from
+        self.last_terms: dict[str, float] = {}  # the last step's per-example NLL and KL (MeanFieldELBO)
 
     # -- the loss ----------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -213,7 +214,12 @@ class SVITrainer:
         # one host sync for the loss the progress bar shows and the gradients' finiteness together
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
-        value, grad_norm = torch.stack([loss.detach().float(), norm.float().to(loss.device)]).tolist()
+        n = self.model.dataset_size or batch["labels"].shape[0]
+        terms = getattr(self.elbo, "last_terms", None) or {}
+        parts = [torch.as_tensor(terms[k], dtype=torch.float32, device=loss.device).detach().reshape(()) / n
+                 for k in ("nll", "kl") if k in terms]
+        value, grad_norm, *rest = torch.stack([loss.detach().float(), norm.float().to(loss.device), *parts]).tolist()
+        self.last_terms = dict(zip(("nll", "kl"), rest)) if len(rest) == 2 else {}
         if not (math.isfinite(value) and math.isfinite(grad_norm)):
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -272,10 +278,10 @@ class SVITrainer:
             t0 = time.perf_counter()
             batch = data.batch(self._local(data.training_batch(step, cfg.batch_size, cfg.seed)), device)
             loss = self.step(batch, step, params)
-            record = {"step": step, "loss": float(loss), "kl_weight": float(self.kl_schedule(step)),
+            record = {"step": step, "loss": float(loss), **self.last_terms, "kl_weight": float(self.kl_schedule(step)),
                       "seconds": time.perf_counter() - t0}
             self.history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "nll", "kl") if k in record})
             done = step + 1
             if rank == 0 and self.run_dir is not None and (done % cfg.checkpoint_every == 0 or done == end):
                 self._check_params_finite(params, step)

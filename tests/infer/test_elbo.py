@@ -137,3 +137,24 @@ def test_closed_form_detection():
     assert has_closed_form_kl(q, dist.Normal(0.0, 0.2).expand([3, 4]).to_event(2))
     assert not has_closed_form_kl(q, dist.StudentT(3.0, 0.0, 0.2).expand([3, 4]).to_event(2))
     assert not has_closed_form_kl(q, dist.Normal(0.0, 0.2).expand([3, 4]).to_event(1))  # mismatched event dims
+
+
+def test_loss_parts_add_up_and_reach_the_history(arc_model):
+    """The trainer records the per-example NLL and KL of every step (the progress bar shows them):
+    they add up to the loss, the KL equals the closed form of BLoB's Gaussian KL, and the NLL
+    is the data term alone."""
+    from pyro_llm.guides import BLoBGuide
+    from pyro_llm.infer import OptimConfig, SVITrainer
+
+    model, data = arc_model
+    guide = BLoBGuide(model)
+    trainer = SVITrainer(model, guide, OptimConfig(steps=2, batch_size=4, lr=1e-3, warmup_ratio=0.0), progress=False)
+    history = trainer.fit(data)
+    for h in history:
+        assert h["nll"] > 0 and h["kl"] > 0
+        assert abs(h["nll"] + h["kl"] - h["loss"]) <= 1e-5 * abs(h["loss"])
+    M, G = (t.detach().double() for t in guide.flat_params())
+    sigma, prior = G ** 2, 0.2
+    kl = (torch.log(prior / sigma) + (sigma ** 2 + M ** 2) / (2 * prior ** 2) - 0.5).sum() / model.dataset_size
+    trainer.step(data.batch(torch.arange(4)), 2)  # the parts of this step, at the parameters before its update
+    assert abs(trainer.last_terms["kl"] - float(kl)) <= 1e-4 * float(kl)
