@@ -243,27 +243,56 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
                    f"Brier {m['brier']:.4f}  (n={m['n']})")
 
 
+def _temperature_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | float | None:
+    if value is None or value == "validation":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise click.BadParameter(f"must be 'validation' or a positive number, got {value!r}")
+    return number
+
+
 @cli.command(context_settings=CONTEXT)
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--task", "tasks_", multiple=True, help="Task(s) to evaluate on (default: the run's own). "
               "Repeat for out-of-distribution tasks.")
 @click.option("--split", default="test", type=click.Choice(["train", "validation", "test"]))
 @click.option("--samples", type=int, default=None, help="Weight samples N (default: the run's; 0: mean).")
 @click.option("--predictive", default=None, type=click.Choice(list(PREDICTIVES)),
               help="Laplace runs: predictive to use (default: the run's).")
+@click.option("--temperature", default=None, callback=_temperature_option,
+              help="Temperature-scale the predictive: 'validation' fits T on the run's validation split, "
+                   "a number fixes it.")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the split.")
 @click.option("--seed", type=int, default=None, help="Seed of every random draw (default: the run's).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Ensembles: write the metrics to this JSON file.")
 @click.option("--device", default=None)
 @click.option("--cache-dir", default=None)
-def evaluate(run_dir: Path, tasks_: tuple[str, ...], split: str, samples: int | None, predictive: str | None,
-             limit: int | None, seed: int | None, device: str | None, cache_dir: str | None) -> None:
-    """Evaluate a saved run in and out of distribution; results go to RUN_DIR/metrics.json under
-    <task>/<split>/evaluate-<options>, beside (never over) the metrics of training."""
-    from ..runs import evaluate as run_evaluate
+def evaluate(run_dirs: tuple[Path, ...], tasks_: tuple[str, ...], split: str, samples: int | None,
+             predictive: str | None, temperature: str | float | None, limit: int | None, seed: int | None,
+             out: Path | None, device: str | None, cache_dir: str | None) -> None:
+    """Evaluate saved runs in and out of distribution. One RUN_DIR: results go to its metrics.json
+    under <task>/<split>/evaluate-<options>, beside (never over) the metrics of training. Several:
+    their ensemble (predictive probabilities averaged), written to --out if given."""
+    from ..runs import evaluate as run_evaluate, evaluate_ensemble
 
+    if len(run_dirs) > 1:
+        if predictive is not None or temperature is not None:
+            raise click.UsageError("--predictive and --temperature apply to one run, not to an ensemble")
+        for task in tasks_ or (None,):
+            m = evaluate_ensemble(run_dirs, task, split=split, samples=samples, limit=limit, device=device,
+                                  cache=cache_dir, seed=seed, out=out)
+            click.echo(f"ensemble of {len(run_dirs)}, {task or 'own task'}/{split}: {m.summary()}")
+        return
+    if out is not None:
+        raise click.UsageError("--out is for ensembles; a single run records its results in its metrics.json")
     for task in tasks_ or (None,):
-        m = run_evaluate(run_dir, task, split=split, samples=samples, limit=limit, device=device, cache=cache_dir,
-                         predictive=predictive, seed=seed)
+        m = run_evaluate(run_dirs[0], task, split=split, samples=samples, limit=limit, device=device,
+                         cache=cache_dir, predictive=predictive, seed=seed, temperature=temperature)
         click.echo(f"{task or 'own task'}/{split}: {m.summary()}")
 
 

@@ -4,8 +4,8 @@ every guide (Pyro's autoguides included) supports. Guides by name are the run la
 
 from .blob import BLoBGuide
 from .laplace import KroneckerNormal, LaplaceGuide
-from .ops import guide_median, guide_sample, write_back_means
+from .ops import ReportsScales, guide_median, guide_sample, scale_summary, write_back_means
 from .roles import DeclaresParamGroups, param_roles
 
-__all__ = ["BLoBGuide", "DeclaresParamGroups", "KroneckerNormal", "LaplaceGuide", "guide_median", "guide_sample",
-           "param_roles", "write_back_means"]
+__all__ = ["BLoBGuide", "DeclaresParamGroups", "KroneckerNormal", "LaplaceGuide", "ReportsScales", "guide_median",
+           "guide_sample", "param_roles", "scale_summary", "write_back_means"]

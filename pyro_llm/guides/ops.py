@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from pyro import poutine
 
 from ..models.model import BayesianLoRAModel
 
-__all__ = ["guide_median", "guide_sample", "write_back_means"]
+__all__ = ["ReportsScales", "guide_median", "guide_sample", "scale_summary", "write_back_means"]
+
+
+@runtime_checkable
+class ReportsScales(Protocol):
+    """A guide that can say how uncertain it is about each site: its posterior standard deviations."""
+
+    def scales(self) -> dict[str, torch.Tensor]: ...
 
 
 def guide_median(guide: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,3 +42,20 @@ def guide_sample(guide: Any, batch: dict[str, torch.Tensor], sites: list[str]) -
         trace = poutine.trace(guide).get_trace(**batch)
     return {name: trace.nodes[name]["value"].detach() for name in sites}
 
+
+
+def scale_summary(guide: Any) -> dict[str, dict[str, float]] | None:
+    """Per site, and over all sites, the mean, median, minimum and maximum of the guide's posterior
+    standard deviations (``None`` for a guide that does not report them, :class:`ReportsScales`):
+    where a Bayesian LoRA is uncertain, and whether its scales left their initialisation."""
+    if not isinstance(guide, ReportsScales):
+        return None
+
+    def stats(t: torch.Tensor) -> dict[str, float]:
+        t = t.detach().double().flatten().cpu()
+        return {"mean": float(t.mean()), "median": float(t.median()), "min": float(t.min()), "max": float(t.max())}
+
+    scales = guide.scales()
+    out = {name: stats(s) for name, s in scales.items()}
+    out["all sites"] = stats(torch.cat([s.flatten() for s in scales.values()]))
+    return out

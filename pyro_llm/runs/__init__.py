@@ -12,15 +12,16 @@ from .config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig
                      PriorConfig, RunConfig)
 from .folder import RunDirExistsError, RunFolder, is_run
 from .laplace import LaplaceRun, laplace, load_laplace_run, resolve_adapter
-from .load import evaluate, load_run
+from .load import evaluate, evaluate_ensemble, load_run, predictor
 from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, GuideEntry, make_guide
-from .svi import evaluate_loaded, load_svi_run, train
-from .zero_shot import zero_shot
+from .svi import evaluate_loaded, load_svi_run, svi_predictor, train
+from .zero_shot import load_zero_shot_run, zero_shot
 
 __all__ = [
     "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
     "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
-    "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_loaded", "is_run", "laplace",
-    "load_laplace_run", "load_run", "load_split", "load_svi_run", "make_guide", "read_config", "record_metrics",
-    "resolve_adapter", "retarget_head", "run_config_of", "train", "zero_shot",
+    "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_ensemble", "evaluate_loaded",
+    "is_run", "laplace", "load_laplace_run", "load_run", "load_split", "load_svi_run", "load_zero_shot_run",
+    "make_guide", "predictor", "read_config", "record_metrics", "resolve_adapter", "retarget_head", "run_config_of",
+    "svi_predictor", "train", "zero_shot",
 ]

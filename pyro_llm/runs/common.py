@@ -9,7 +9,8 @@ Run directory layout::
                                   (adapter_config.json + adapter_model.safetensors; PeftModel loads it)
       guide.safetensors           every pyro.param of model and guide (unconstrained values)
       checkpoint/                 the latest training checkpoint (see pyro_llm.infer.checkpoint)
-      history.json                loss per step
+      history.json                loss per step, with its NLL and KL parts and the KL weight
+      scales.json                 guides that report them: posterior std statistics per site
       metrics.json                {"<task>/<split>": {accuracy, ece, nll, brier, ...}}
       predictions/<task>_<split>.safetensors   predictive probabilities and labels of each evaluation
       reliability_<task>.png      reliability diagram of each evaluation

@@ -1,59 +1,145 @@
-"""Any saved run, by the kind its ``config.json`` names: load it, evaluate it."""
+"""Any saved run, by the kind its ``config.json`` names: load it, evaluate it (optionally
+temperature-scaled on its validation split), or evaluate several as an ensemble."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from ..checks import check_int
-from ..data import get_task
-from ..evaluation import Metrics
-from .common import LoadedRun, read_config
+import pyro
+import torch
+
+from ..checks import check_int, check_real
+from ..data import EncodedDataset, TaskSpec, get_task
+from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, temper
+from ..io import atomic_write_json
+from .common import LoadedRun, load_split, read_config, retarget_head, score
 from .laplace import LaplaceRun, load_laplace_run
 from .registry import PREDICTIVES, lookup
-from .svi import evaluate_loaded, load_svi_run
+from .svi import load_svi_run, svi_predictor
+from .zero_shot import load_zero_shot_run
 
-__all__ = ["evaluate", "load_run"]
+__all__ = ["evaluate", "evaluate_ensemble", "load_run", "predictor"]
+
+Run = LoadedRun | LaplaceRun
+Predict = Callable[[EncodedDataset], torch.Tensor]
 
 
-def load_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> LoadedRun | LaplaceRun:
-    """Rebuild a saved SVI or Laplace run (safetensors only)."""
+def load_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> Run:
+    """Rebuild a saved SVI, Laplace or zero-shot run (safetensors only)."""
     run_dir = Path(run_dir)
     kind = read_config(run_dir).get("kind")
-    if kind == "laplace":
-        return load_laplace_run(run_dir, device=device, cache=cache)
-    if kind != "svi":
-        raise ValueError(f"{run_dir} is a {kind!r} run, which has no trained weights to evaluate "
-                         "(for the base model use `pyro-llm zero-shot --task ...`)")
-    return load_svi_run(run_dir, device=device, cache=cache)
+    loaders = {"laplace": load_laplace_run, "svi": load_svi_run, "zero-shot": load_zero_shot_run}
+    if kind not in loaders:
+        raise ValueError(f"{run_dir}/config.json names the run kind {kind!r}; expected one of {', '.join(loaders)}")
+    return loaders[kind](run_dir, device=device, cache=cache)
+
+
+def predictor(run: Run, *, samples: int | None = None, predictive: str | None = None, seed: int | None = None,
+              progress: bool = True) -> tuple[Predict, str, dict[str, Any]]:
+    """``(predict, tag, facts)``: the run's predictive as ``predict(data) -> probs`` (reproducible:
+    every call draws from ``seed``, default the run's), a tag naming its options, and the facts
+    to record beside its metrics."""
+    check_int("seed", seed, low=0, optional=True)
+    seed = run.config.optim.seed if seed is None else seed
+    if isinstance(run, LaplaceRun):
+        kind = predictive or run.lconfig.predictive
+        lookup(PREDICTIVES, kind, "predictive")
+        n = run.config.eval.samples if samples is None else samples
+        check_int("samples", n, low=0)
+
+        def predict(data: EncodedDataset) -> torch.Tensor:
+            pyro.set_rng_seed(seed)
+            return run.predict(data, kind, n, progress)
+
+        return predict, f"{kind}{f'-n{n}' if kind == 'nn' else ''}-seed{seed}", {"predictive": kind, "seed": seed}
+    if predictive is not None:
+        raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run.run_dir} is an SVI run "
+                         "(its predictive is the N-sample average: use --samples)")
+    predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress)
+    return predict, f"n{n}-seed{seed}", {"samples": n, "seed": seed}
+
+
+def _temperature(run: Run, predict: Predict, temperature: str | float, limit: int | None) -> float:
+    """A fixed ``T``, or the one fitted on the run's own task's validation split."""
+    if temperature != "validation":
+        value = float(temperature)
+        check_real("temperature", value, low=0, low_open=True)
+        return value
+    retarget_head(run, run.task)
+    val = load_split(run.config, run.task, "validation", run.tokenizer, limit)
+    return fit_temperature_to_probs(predict(val), val.labels)
 
 
 def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test", samples: int | None = None,
              limit: int | None = None, device: str | None = None, progress: bool = True,
              cache: str | None = None, predictive: str | None = None, seed: int | None = None,
-             record_as: str | None = None) -> Metrics:
-    """Evaluate a saved run (SVI or Laplace) on ``task`` (default: its training task).
+             temperature: str | float | None = None, record_as: str | None = None) -> Metrics:
+    """Evaluate a saved run (SVI, Laplace or zero-shot) on ``task`` (default: its training task).
+
+    :param temperature: ``"validation"`` fits ``T`` (:func:`~pyro_llm.evaluation.fit_temperature_to_probs`)
+        on the run's own task's validation split, a number fixes it; the predictive is then ``p^(1/T)``.
 
     Every random draw comes from ``seed`` (default: the run's), so a repeated call gives the same
     numbers. The result is recorded in ``metrics.json`` under ``<task>/<split>/evaluate-<options>``,
     beside the metrics written at training time, never over them; ``record_as`` replaces the
     ``evaluate-<options>`` part (``""``: under ``<task>/<split>``, as training records its own task)."""
-    check_int("seed", seed, low=0, optional=True)
     check_int("samples", samples, low=0, optional=True)
     check_int("limit", limit, low=1, optional=True)
+    if temperature is not None and temperature != "validation":
+        check_real("temperature", float(temperature), low=0, low_open=True)
     run = load_run(run_dir, device=device, cache=cache)
     spec = get_task(task) if task else run.task
-    seed = run.config.optim.seed if seed is None else seed
-    if isinstance(run, LaplaceRun):
-        kind = predictive or run.lconfig.predictive
-        lookup(PREDICTIVES, kind, "predictive")
-        n = f"-n{run.config.eval.samples if samples is None else samples}" if kind == "nn" else ""
-        tag = f"evaluate-{kind}{n}-seed{seed}" if record_as is None else record_as
-        return run.evaluate(spec, split=split, limit=limit, progress=progress, predictive=kind, samples=samples,
-                            seed=seed, suffix=f"/{tag}" if tag else "")
-    if predictive is not None:
-        raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run_dir} is an SVI run "
-                         "(its predictive is the N-sample average: use --samples)")
-    n = run.config.eval.samples if samples is None else samples
-    tag = f"evaluate-n{n}-seed{seed}" if record_as is None else record_as
-    return evaluate_loaded(run, spec, split=split, samples=n, limit=limit, progress=progress, seed=seed,
-                           suffix=f"/{tag}" if tag else "")[0]
+    predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
+    if temperature is not None:
+        T = _temperature(run, predict, temperature, limit)
+        untempered = predict
+
+        def predict(data: EncodedDataset) -> torch.Tensor:
+            return temper(untempered(data), T)
+
+        tag += "-Tval" if temperature == "validation" else f"-T{T:g}"
+        facts = {**facts, "temperature": T}
+    tag = f"evaluate-{tag}" if record_as is None else record_as
+    metrics, _ = score(run, spec, split, limit, predict, f"/{tag}" if tag else "", facts)
+    return metrics
+
+
+def evaluate_ensemble(run_dirs: Sequence[str | Path], task: str | None = None, *, split: str = "test",
+                      samples: int | None = None, limit: int | None = None, device: str | None = None,
+                      progress: bool = True, cache: str | None = None, seed: int | None = None,
+                      out: str | Path | None = None) -> Metrics:
+    """The ensemble of saved runs: their predictive probabilities averaged, example by example.
+
+    The runs are loaded one at a time (one model in memory); all are scored on the same examples
+    (the first run's split seed and length), which must carry the same labels. With ``out`` the
+    metrics and members are written to that JSON file; the runs' folders are not touched."""
+    if len(run_dirs) < 2:
+        raise ValueError("an ensemble needs at least two runs")
+    check_int("limit", limit, low=1, optional=True)
+    total: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    first = None
+    spec: TaskSpec | None = None
+    for run_dir in run_dirs:
+        pyro.clear_param_store()
+        run = load_run(run_dir, device=device, cache=cache)
+        first = first or run.config
+        spec = spec or (get_task(task) if task else run.task)
+        retarget_head(run, spec)
+        data = load_split(first, spec, split, run.tokenizer, limit if limit is not None else first.data.test_limit)
+        if labels is not None and not torch.equal(labels, data.labels):
+            raise ValueError(f"{run_dir} sees other examples or labels than {run_dirs[0]} on {spec.name}/{split}")
+        labels = data.labels
+        probs = predictor(run, samples=samples, seed=seed, progress=progress)[0](data).double()
+        total = probs if total is None else total + probs
+        del run
+    assert total is not None and labels is not None and first is not None and spec is not None
+    metrics = compute_metrics(total / len(run_dirs), labels, n_bins=first.eval.ece_bins)
+    if out is not None:
+        atomic_write_json(out, {"ensemble": [str(d) for d in run_dirs], "task": spec.name, "split": split,
+                                "metrics": metrics.as_dict()})
+    return metrics
+
+
+__all__ += ["Run"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyro
 import torch
@@ -13,7 +13,7 @@ from torch import distributed as dist
 from ..checks import check_int
 from ..data import EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..evaluation import Metrics, predict_proba
-from ..guides import write_back_means
+from ..guides import scale_summary, write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
 from ..models import lora_dropout_active
@@ -22,7 +22,7 @@ from .config import RunConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
 
-__all__ = ["evaluate_loaded", "load_svi_run", "train"]
+__all__ = ["evaluate_loaded", "load_svi_run", "svi_predictor", "train"]
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -67,6 +67,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
         write_back_means(model, guide, first)
         model.peft_model.save_pretrained(str(out / "adapter"))
         save_params(out / "guide.safetensors", trainer.param_names, {"guide": cfg.guide.name})
+        scales = scale_summary(guide)
+        if scales is not None:  # where the posterior is wide, per site (BLoB's sigma)
+            atomic_write_json(out / "scales.json", scales)
         metrics: dict[str, Any] = {}
         if evaluate_after:
             m, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, out), task, progress=progress)
@@ -93,11 +96,11 @@ def load_svi_run(run_dir: str | Path, *, device: str | None = None, cache: str |
     return LoadedRun(model, guide, tok, cfg, task, run_dir)
 
 
-def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
-                    limit: int | None = None, progress: bool = True, seed: int | None = None,
-                    suffix: str = "") -> tuple[Metrics, torch.Tensor]:
-    """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive; the weight
-    samples are drawn from ``seed`` (default: the run's), so the same call gives the same numbers."""
+def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | None = None, progress: bool = True,
+                  desc: str = "eval") -> tuple[Callable[[EncodedDataset], torch.Tensor], int]:
+    """``(predict, N)``: the run's N-sample predictive as ``predict(data) -> probs``, every call
+    drawing its weight samples from ``seed`` (default: the run's). A point guide predicts once
+    (``N = 0``), unless it was trained with LoRA dropout: then MC dropout with ``N`` samples."""
     cfg = run.config
     n = cfg.eval.samples if samples is None else samples
     check_int("samples", n, low=0)
@@ -111,9 +114,16 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
         pyro.set_rng_seed(seed)
         with lora_dropout_active(run.model, enabled=mc_dropout):
             return predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval.batch_size,
-                                 max_rows=cfg.eval.max_rows, progress=progress, desc=f"eval {task.name}",
+                                 max_rows=cfg.eval.max_rows, progress=progress, desc=desc,
                                  resample_guide=not mc_dropout)
 
+    return predict, n
+
+
+def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,
+                    limit: int | None = None, progress: bool = True, seed: int | None = None,
+                    suffix: str = "") -> tuple[Metrics, torch.Tensor]:
+    """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive (:func:`svi_predictor`)."""
+    seed = run.config.optim.seed if seed is None else seed
+    predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress, desc=f"eval {task.name}")
     return score(run, task, split, limit, predict, suffix, extra={"samples": n, "seed": seed})
-
-

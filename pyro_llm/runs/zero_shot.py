@@ -9,12 +9,23 @@ import pyro
 import torch
 
 from ..data import get_task
-from .common import LoadedRun, build_for, write_config
+from ..models import BayesianLoRAModel
+from .common import LoadedRun, build_for, run_config_of, write_config
 from .config import GuideConfig, RunConfig
 from .folder import RunFolder
 from .svi import evaluate_loaded
 
-__all__ = ["zero_shot"]
+__all__ = ["load_zero_shot_run", "zero_shot"]
+
+
+class BaseModelGuide:
+    """The adapter's initial point as a point guide: with ``B = 0`` the network is the base model."""
+
+    def __init__(self, model: BayesianLoRAModel) -> None:
+        self.model = model
+
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.model.point_values()
 
 
 def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -26,16 +37,21 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     cfg.guide = GuideConfig("map")
     pyro.clear_param_store()
     model, tok = build_for(cfg, task, None, cache)
-
-    class _Base:  # the adapter's initial point: B = 0, so the network is the base model
-        def median(self, **_: Any) -> dict[str, torch.Tensor]:
-            return model.point_values()
-
     with folder as out:
         write_config(out, "zero-shot", cfg, state="running")
-        metrics, _ = evaluate_loaded(LoadedRun(model, _Base(), tok, cfg, task, out), task, samples=0,
+        metrics, _ = evaluate_loaded(LoadedRun(model, BaseModelGuide(model), tok, cfg, task, out), task, samples=0,
                                      progress=progress)
         write_config(out, "zero-shot", cfg, state="finished")
     return {f"{task.name}/test": metrics.as_dict()}
 
 
+def load_zero_shot_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> LoadedRun:
+    """A zero-shot run's base model, as a run with a point guide (for evaluation elsewhere)."""
+    run_dir = Path(run_dir)
+    cfg = run_config_of(run_dir)
+    if device is not None:
+        cfg.model.device = device
+    task = get_task(cfg.task)
+    pyro.clear_param_store()
+    model, tok = build_for(cfg, task, None, cache)
+    return LoadedRun(model, BaseModelGuide(model), tok, cfg, task, run_dir)

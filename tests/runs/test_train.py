@@ -135,10 +135,3 @@ def test_bfloat16_base_weights_train_on_cpu(tiny_llama):
     assert all(v.dtype == torch.float32 for v in pyro.get_param_store().values())
 
 
-def test_zero_shot_runs_cannot_be_evaluated_as_trained(tiny_llama, tmp_path):
-    from pyro_llm.runs import zero_shot
-
-    zero_shot(RunConfig.from_dict({"model": {"name": str(tiny_llama)}, "data": {"test_limit": 4, "max_length": 64}}),
-              tmp_path / "zs", progress=False)
-    with pytest.raises(ValueError, match="zero-shot"):
-        load_run(tmp_path / "zs")

@@ -1,0 +1,96 @@
+"""The baselines as library features: temperature scaling fitted on the validation split of any run
+(SVI, Laplace, zero-shot), an ensemble of runs, MC dropout, and BLoB's scale statistics; each from
+the Python API and the CLI, checked against an independent computation of the same numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pyro_llm.cli import cli
+from pyro_llm.evaluation import compute_metrics, fit_temperature_to_probs, temper
+from pyro_llm.io import load_tensors
+from pyro_llm.runs import RunConfig, evaluate, evaluate_ensemble, train, zero_shot
+
+
+def _cfg(tiny_llama, guide, seed=0, **sections):
+    return RunConfig.from_dict({"model": {"name": str(tiny_llama)}, "guide": {"name": guide},
+                                "data": {"train_limit": 24, "test_limit": 16, "max_length": 96},
+                                "eval": {"samples": 3},
+                                "optim": {"steps": 4, "batch_size": 4, "lr": 1e-2, "seed": seed}, **sections})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("baselines")
+    made = {}
+    for name, guide, seed, extra in (("map0", "map", 0, {}), ("map1", "map", 1, {}), ("blob", "blob", 0, {}),
+                                     ("mcd", "map", 0, {"lora": {"dropout": 0.3}})):
+        train(_cfg(tiny_llama, guide, seed, **extra), root / name, progress=False)
+        made[name] = root / name
+    zero_shot(RunConfig.from_dict({"model": {"name": str(tiny_llama)}, "data": {"test_limit": 16, "max_length": 96}}),
+              root / "zs", progress=False)
+    made["zs"] = root / "zs"
+    return made
+
+
+def _saved(run_dir, key):
+    t = load_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors")
+    return t["probs"], t["labels"]
+
+
+@pytest.mark.parametrize("name", ["map0", "blob", "zs"])
+def test_temperature_scaling_fitted_on_validation(runs, name):
+    run_dir = runs[name]
+    plain = evaluate(run_dir, progress=False, limit=16)
+    tempered = evaluate(run_dir, progress=False, limit=16, temperature="validation")
+    table = json.loads((run_dir / "metrics.json").read_text())
+    entry = next(v for k, v in table.items() if k.startswith("arc-easy/test/evaluate-") and k.endswith("-Tval"))
+    T = entry["temperature"]
+    assert T != 1.0 and 1e-2 <= T <= 1e2
+    assert tempered.accuracy == plain.accuracy  # a temperature keeps every argmax
+    # independently: T from the validation predictions, applied to the saved test predictions
+    val = evaluate(run_dir, split="validation", progress=False, record_as="val-check")
+    val_probs, val_labels = _saved(run_dir, "arc-easy/validation/val-check")
+    assert val.n == len(val_labels)
+    assert abs(fit_temperature_to_probs(val_probs, val_labels) - T) <= 1e-6 * T
+    test_key = next(k for k in table if k.startswith("arc-easy/test/evaluate-") and not k.endswith("-Tval"))
+    test_probs, test_labels = _saved(run_dir, test_key)
+    ref = compute_metrics(temper(test_probs, T), test_labels)
+    assert abs(ref.nll - tempered.nll) <= 1e-5 and abs(ref.ece - tempered.ece) <= 1e-3
+
+
+def test_ensemble_averages_the_members_predictions(runs, tmp_path):
+    members = [runs["map0"], runs["map1"]]
+    probs = []
+    for d in members:
+        evaluate(d, progress=False, limit=16, record_as="ens-check")
+        probs.append(_saved(d, "arc-easy/test/ens-check"))
+    out = tmp_path / "ensemble.json"
+    m = evaluate_ensemble(members, progress=False, limit=16, out=out)
+    ref = compute_metrics((probs[0][0].double() + probs[1][0].double()) / 2, probs[0][1])
+    assert abs(m.nll - ref.nll) <= 1e-6 and m.accuracy == ref.accuracy
+    assert json.loads(out.read_text())["metrics"]["n"] == 16
+    res = CliRunner().invoke(cli, ["evaluate", *map(str, members), "--limit", "16"])
+    assert res.exit_code == 0 and "ensemble of 2" in res.output, res.output
+
+
+def test_mc_dropout_samples_vary_and_blob_reports_its_scales(runs):
+    one = evaluate(runs["mcd"], samples=1, progress=False, limit=16, seed=0)
+    other = evaluate(runs["mcd"], samples=1, progress=False, limit=16, seed=1)
+    assert one.nll != other.nll  # the dropout masks are the samples
+    scales = json.loads((runs["blob"] / "scales.json").read_text())
+    assert scales["all sites"]["min"] > 0 and len(scales) == 1 + 4  # four sites of the tiny Llama, and all
+    assert not (runs["map0"] / "scales.json").exists()  # a point guide has no scales
+    history = json.loads((runs["blob"] / "history.json").read_text())
+    assert all({"nll", "kl", "kl_weight"} <= set(h) for h in history)
+
+
+def test_cli_temperature_option(runs):
+    res = CliRunner().invoke(cli, ["evaluate", str(runs["map0"]), "--temperature", "validation", "--limit", "8"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["evaluate", str(runs["map0"]), "--temperature", "-2"])
+    assert res.exit_code == 2 and "positive number" in res.output
