@@ -4,6 +4,10 @@ same batches (the floor any K-FAC fit pays), counted on the CPU (:mod:`bench.opc
 counts are deterministic and do not depend on the model's width, only on its layer count, so a
 narrow Llama with a real model's 16 layers stands in for Llama-3.2-1B.
 
+The BLoB step is counted twice: with the CPU's Flipout signs (a table lookup, one random draw per 32
+signs) and with the GPU's (one ``randint`` per sign in the activation dtype, no gather), which is
+the count that stands for CUDA launches.
+
 Targets (the CUDA issue): BLoB / LoRA <= 1.15 in kernel ops with <= 2 host syncs a step; K-FAC /
 floor <= 1.05 with no linear algebra or host sync per batch (checked by fitting on twice the
 batches: the linalg calls must not grow, nor the host syncs beyond those of the floor's own forward).
@@ -32,6 +36,7 @@ from pyro_llm.data.collate import EncodedDataset
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import OptimConfig, SVITrainer
 from pyro_llm.models import AnswerTokenHead, BayesianLoRAModel
+from pyro_llm.poutine.flipout import SIGN_METHODS
 
 
 def _model(layers: int, hidden: int) -> BayesianLoRAModel:
@@ -77,6 +82,11 @@ def measure(layers: int = 16, hidden: int = 64, tokens: int = 70, batch: int = 4
             w.requires_grad_(False)
 
     plain, blob = count(plain_step), count(blob_step)
+    SIGN_METHODS["cpu"] = "randint"  # the signs as a GPU makes them
+    try:
+        blob_gpu_path = count(blob_step)
+    finally:
+        SIGN_METHODS["cpu"] = "table"
 
     def kfac(n_batches: int) -> OpCounter:
         sub = _data(n_batches * batch, tokens)
@@ -102,6 +112,7 @@ def measure(layers: int = 16, hidden: int = 64, tokens: int = 70, batch: int = 4
         "step": {"plain": plain.summary(), "blob": blob.summary(), "kernel_ratio": blob.kernels / plain.kernels,
                  "bytes_ratio": blob.bytes_written / plain.bytes_written,
                  "extra_kernels_per_site": (blob.kernels - plain.kernels) / len(model.sites),
+                 "kernel_ratio_gpu_sign_path": blob_gpu_path.kernels / plain.kernels,
                  "top_extra": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:12])},
         "kfac": {"fit_4_batches": k4.summary(), "floor_4_batches": f4.summary(),
                  "kernel_ratio": k4.kernels / f4.kernels,

@@ -61,6 +61,15 @@ def tasks() -> None:
     click.echo("\nA .jsonl or .csv file also works as --task (schema: pyro_llm.data.sources).")
 
 
+def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"must be three comma-separated numbers, got {value!r}") from None
+
+
 def _common_model_options(fn: Any) -> Any:
     m, d = _RUN.model, _RUN.data
     options = [
@@ -73,6 +82,9 @@ def _common_model_options(fn: Any) -> Any:
         click.option("--max-length", default=d.max_length, help="Tokens per example (prompts are left-truncated)."),
         click.option("--train-limit", type=int, default=d.train_limit, help="Use a seeded subset of the training split."),
         click.option("--test-limit", type=int, default=d.test_limit, help="Use a seeded subset of the test split."),
+        click.option("--split-fractions", default=None, callback=_fractions,
+                     help="Train,validation,test fractions of a task that ships one pool (default 0.6,0.1,0.3), "
+                          "e.g. 0.3,0.1,0.6 for a large test set."),
         click.option("--cache-dir", default=None, help="Model cache (default ~/.cache/pyro-llm or $PYRO_LLM_CACHE)."),
         click.option("--attn-implementation", default=m.attn_implementation, type=click.Choice(["eager", "sdpa"]),
                      help="Attention kernel (default: transformers' choice; eager allows double backward, "
@@ -88,6 +100,7 @@ _SVI_PATHS: dict[str, tuple[str, ...]] = {
     "task": ("task",), "model_name": ("model", "name"), "device": ("model", "device"), "dtype": ("model", "dtype"),
     "attn_implementation": ("model", "attn_implementation"), "b_site": ("model", "b_site"),
     "max_length": ("data", "max_length"), "train_limit": ("data", "train_limit"), "test_limit": ("data", "test_limit"),
+    "split_fractions": ("data", "split_fractions"),
     "rank": ("lora", "rank"), "alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
     "targets": ("lora", "target_modules"), "prior": ("prior", "name"), "prior_scale": ("prior", "scale"),
     "guide": ("guide", "name"), "flipout": ("guide", "flipout"), "elbo": ("objective", "elbo"),
@@ -209,7 +222,7 @@ def laplace_cmd(**kw: Any) -> None:
                          predictive=kw["predictive"], mc_samples=kw["mc_samples"])
     cfg = RunConfig(task=kw["task"], model=_model_section(kw),
                     data=DataConfig(train_limit=kw["train_limit"], test_limit=kw["test_limit"],
-                                    max_length=kw["max_length"]),
+                                    max_length=kw["max_length"], split_fractions=kw["split_fractions"]),
                     eval=EvalConfig(samples=kw["eval_samples"], ece_bins=kw["ece_bins"]),
                     optim=OptimConfig(seed=kw["seed"]))
     result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
@@ -233,7 +246,8 @@ def zero_shot_cmd(**kw: Any) -> None:
     from ..runs import zero_shot
 
     cfg = RunConfig(task=kw["task"], model=_model_section(kw),
-                    data=DataConfig(test_limit=kw["test_limit"], max_length=kw["max_length"]))
+                    data=DataConfig(test_limit=kw["test_limit"], max_length=kw["max_length"],
+                                    split_fractions=kw["split_fractions"]))
     _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
 
 

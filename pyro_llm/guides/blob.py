@@ -105,6 +105,17 @@ class BLoBGuide:
         start, shape = sum(sizes[:i]), self.model.sites[i].shape
         return M[start:start + sizes[i]].view(shape), G[start:start + sizes[i]].view(shape)
 
+    def upgrade_saved(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Saved parameters of the earlier per-site layout (``<site>.M``, ``<site>.G``) as the flat
+        ``<prefix>.M``, ``<prefix>.G``; a file in the current layout is returned as it is."""
+        names = self.model.site_names
+        if f"{self.prefix}.M" in saved or not all(f"{n}.M" in saved and f"{n}.G" in saved for n in names):
+            return saved
+        out = {k: v for k, v in saved.items() if not any(k in (f"{n}.M", f"{n}.G") for n in names)}
+        for part in ("M", "G"):
+            out[f"{self.prefix}.{part}"] = torch.cat([saved[f"{n}.{part}"].reshape(-1) for n in names])
+        return out
+
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         out = dict(self.hyper()) if self.hyper is not None else {}
         M, G = self.flat_params()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyro
 import torch
@@ -30,10 +30,16 @@ def save_params(path: Path, names: list[str], metadata: dict[str, str] | None = 
     atomic_save_tensors(path, {n: store[n] for n in names}, metadata)
 
 
-def load_params(path: Path, names: list[str] | None = None) -> list[str]:
+def load_params(path: Path, names: list[str] | None = None,
+                upgrade: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> list[str]:
     """Copy saved unconstrained values into the existing params of the store (in place, so
-    optimisers and modules keep their references). Returns the names loaded."""
+    optimisers and modules keep their references). Returns the names loaded.
+
+    :param upgrade: maps a file written by an earlier layout to the current one (e.g.
+        :meth:`~pyro_llm.guides.BLoBGuide.upgrade_saved`)."""
     saved = load_tensors(path)
+    if upgrade is not None:
+        saved = upgrade(saved)
     store = dict(pyro.get_param_store().named_parameters())
     wanted = names if names is not None else list(saved)
     missing = [n for n in wanted if n not in saved]

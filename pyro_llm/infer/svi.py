@@ -192,8 +192,12 @@ class SVITrainer:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+        # one bucket: every gradient in one flat buffer, one all-reduce, copied back
+        flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+            p.grad.copy_(g)
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor], step: int, params: list[torch.Tensor] | None = None) -> float:

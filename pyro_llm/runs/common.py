@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from torch import distributed as dist
 
-from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, load_examples
+from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..data.prompts import answer_strings
 from ..evaluation import Metrics, compute_metrics, plot_reliability
 from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, read_json
@@ -36,7 +37,7 @@ from ..models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, build
 from .config import RunConfig
 
 __all__ = ["LoadedRun", "build_for", "init_distributed", "load_split", "model_name_for", "read_config",
-           "record_metrics", "retarget_head", "run_config_of", "score", "write_config"]
+           "rebuild", "record_metrics", "retarget_head", "run_config_of", "score", "write_config"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def build_for(cfg: RunConfig, task: TaskSpec, dataset_size: int | None, cache: s
 
 
 def load_split(cfg: RunConfig, task: TaskSpec, split: str, tokenizer: Any, limit: int | None) -> EncodedDataset:
-    examples = load_examples(task, split, limit=limit, split_seed=cfg.data.split_seed)
+    examples = load_examples(task, split, limit=limit, split_seed=cfg.data.split_seed,
+                             fractions=cfg.data.split_fractions)
     if not examples:
         raise ValueError(f"task {task.name} has no {split} examples")
     return encode_examples(examples, tokenizer, task.num_classes, cfg.data.max_length)
@@ -120,6 +122,18 @@ def run_config_of(run_dir: Path) -> RunConfig:
         return RunConfig.from_dict(read_config(run_dir)["run"])
     except (TypeError, ValueError) as err:
         raise CorruptFileError(f"run configuration {run_dir / 'config.json'} is invalid: {err}") from err
+
+
+def rebuild(run_dir: Path, device: str | None, cache: str | None) -> tuple[RunConfig, TaskSpec, BayesianLoRAModel, Any]:
+    """A saved run's configuration (its device replaced by ``device``), task, and freshly built model
+    and tokenizer, with an empty parameter store."""
+    cfg = run_config_of(run_dir)
+    if device is not None:
+        cfg.model.device = device
+    task = get_task(cfg.task)
+    pyro.clear_param_store()
+    model, tok = build_for(cfg, task, None, cache)
+    return cfg, task, model, tok
 
 
 def retarget_head(run: LoadedRun, task: TaskSpec) -> None:

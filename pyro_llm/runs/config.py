@@ -49,8 +49,16 @@ class DataConfig:
     test_limit: int | None = None
     max_length: int = 256
     split_seed: int = 0
+    #: train / validation / test fractions of a task that ships one pool (None: 60 / 10 / 30)
+    split_fractions: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.split_fractions is not None:
+            self.split_fractions = tuple(float(f) for f in self.split_fractions)  # type: ignore[assignment]
+            if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or \
+                    abs(sum(self.split_fractions) - 1) > 1e-6:
+                raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, "
+                                 f"got {self.split_fractions!r}")
         check_int("train_limit", self.train_limit, low=1, optional=True)
         check_int("test_limit", self.test_limit, low=1, optional=True)
         check_int("max_length", self.max_length, low=8)

@@ -17,7 +17,7 @@ from ..guides import scale_summary, write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
 from ..models import lora_dropout_active
-from .common import LoadedRun, build_for, init_distributed, load_split, run_config_of, score, write_config
+from .common import LoadedRun, build_for, init_distributed, load_split, rebuild, run_config_of, score, write_config
 from .config import RunConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
@@ -43,7 +43,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
                              "resume with the same options")
     pyro.clear_param_store()
     # the model needs N before the data is tokenised: count examples first
-    train_examples = load_examples(task, "train", limit=cfg.data.train_limit, split_seed=cfg.data.split_seed)
+    train_examples = load_examples(task, "train", limit=cfg.data.train_limit, split_seed=cfg.data.split_seed,
+                                   fractions=cfg.data.split_fractions)
     if len(train_examples) < cfg.optim.batch_size:
         raise ValueError(f"task {task.name} has {len(train_examples)} training examples, fewer than the batch size "
                          f"{cfg.optim.batch_size}")
@@ -81,18 +82,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
 def load_svi_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> LoadedRun:
     """Rebuild a trained SVI run's model and guide from its folder (safetensors only)."""
     run_dir = Path(run_dir)
-    cfg = run_config_of(run_dir)
-    if device is not None:
-        cfg.model.device = device
-    task = get_task(cfg.task)
-    pyro.clear_param_store()
-    model, tok = build_for(cfg, task, None, cache)
+    cfg, task, model, tok = rebuild(run_dir, device, cache)
     guide = cfg.guide.build(model)
     data = load_split(cfg, task, "train", tok, limit=2)
     batch = data.batch(torch.arange(len(data)), model.device)
     guide(**batch)
     model(**batch)
-    load_params(run_dir / "guide.safetensors")
+    load_params(run_dir / "guide.safetensors", upgrade=getattr(guide, "upgrade_saved", None))
     return LoadedRun(model, guide, tok, cfg, task, run_dir)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ..data import get_task
 from ..models import BayesianLoRAModel
-from .common import LoadedRun, build_for, run_config_of, write_config
+from .common import LoadedRun, build_for, rebuild, write_config
 from .config import GuideConfig, RunConfig
 from .folder import RunFolder
 from .svi import evaluate_loaded
@@ -48,10 +48,5 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
 def load_zero_shot_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> LoadedRun:
     """A zero-shot run's base model, as a run with a point guide (for evaluation elsewhere)."""
     run_dir = Path(run_dir)
-    cfg = run_config_of(run_dir)
-    if device is not None:
-        cfg.model.device = device
-    task = get_task(cfg.task)
-    pyro.clear_param_store()
-    model, tok = build_for(cfg, task, None, cache)
+    cfg, task, model, tok = rebuild(run_dir, device, cache)
     return LoadedRun(model, BaseModelGuide(model), tok, cfg, task, run_dir)

@@ -107,3 +107,15 @@ def test_offline_multiple_choice_tasks_keep_every_row_and_its_answer(name, parts
             question = e.text.split("Question: ")[1].split("\n")[0]
             line = [ln for ln in e.text.splitlines() if ln.startswith(f"{'ABCD'[e.label]}. ")][0]
             assert line[3:] == answers[question]
+
+
+def test_split_fractions_cut_the_same_pool_and_imdb_is_test_only():
+    """A test-heavy cut of SST-2 (the study's) is a partition of the same pool as the default cut;
+    IMDB's sample is an out-of-distribution test set only."""
+    parts = {s: load_examples("sst2", s, fractions=(0.3, 0.1, 0.6)) for s in ("train", "validation", "test")}
+    default = {s: load_examples("sst2", s) for s in ("train", "validation", "test")}
+    texts = lambda d: sorted(e.text for v in d.values() for e in v)  # noqa: E731
+    assert texts(parts) == texts(default)
+    assert len(parts["test"]) >= 500 and len(parts["test"]) > len(default["test"])
+    assert not {e.text for e in parts["train"]} & {e.text for e in parts["test"]}
+    assert [len(load_examples("imdb", s)) for s in ("train", "validation", "test")] == [0, 0, 200]

@@ -107,9 +107,10 @@ def test_flipout_row_marginals_match_plain_sampling():
     assert abs(torch.corrcoef(flip[:, :, 0].T)[0, 1]) < 0.05
 
 
-def test_rademacher_signs_are_fair_and_independent():
+@pytest.mark.parametrize("method", ["table", "randint"])  # the CPU's way and the GPU's, both run here
+def test_rademacher_signs_are_fair_and_independent(method):
     torch.manual_seed(0)
-    s = rademacher((50, 333), torch.empty(0))  # odd size: the unpacked bytes are cut to shape
+    s = rademacher((50, 333), torch.empty(0), method)  # odd size: the unpacked bytes are cut to shape
     assert s.shape == (50, 333) and set(s.unique().tolist()) == {-1.0, 1.0}
     flat = s.reshape(-1)
     n = flat.numel()
@@ -308,3 +309,24 @@ def test_batched_samples_equal_sequential_samples(arc_model):
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-4)
     mean = predict_proba(model, guide, data, num_samples=0, progress=False)
     assert not torch.allclose(mean, batched)
+
+
+def test_runs_saved_with_per_site_parameters_still_load(arc_model, tmp_path):
+    """guide.safetensors of BLoB runs from before the flat layout (``<site>.M``, ``<site>.G``) loads
+    into the flat parameters, every site's piece in its place."""
+    from pyro_llm.infer import load_params
+    from pyro_llm.io import atomic_save_tensors
+
+    model, data = arc_model
+    guide = BLoBGuide(model)
+    guide(**_batch(data))
+    gen = torch.Generator().manual_seed(0)
+    old = {}
+    for s in model.sites:
+        old[f"{s.name}.M"] = torch.randn(s.shape, generator=gen)
+        old[f"{s.name}.G"] = torch.rand(s.shape, generator=gen)
+    atomic_save_tensors(tmp_path / "guide.safetensors", old)
+    load_params(tmp_path / "guide.safetensors", upgrade=guide.upgrade_saved)
+    for s in model.sites:
+        M, G = guide.params(s.name)
+        assert torch.equal(M, old[f"{s.name}.M"]) and torch.equal(G, old[f"{s.name}.G"])
