@@ -74,11 +74,13 @@ def _temperature(run: Run, predict: Predict, temperature: str | float, limit: in
 def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test", samples: int | None = None,
              limit: int | None = None, device: str | None = None, progress: bool = True,
              cache: str | None = None, predictive: str | None = None, seed: int | None = None,
-             temperature: str | float | None = None, record_as: str | None = None) -> Metrics:
+             temperature: str | float | None = None, validation_limit: int | None = None,
+             record_as: str | None = None) -> Metrics:
     """Evaluate a saved run (SVI, Laplace or zero-shot) on ``task`` (default: its training task).
 
     :param temperature: ``"validation"`` fits ``T`` (:func:`~pyro_llm.evaluation.fit_temperature_to_probs`)
-        on the run's own task's validation split, a number fixes it; the predictive is then ``p^(1/T)``.
+        on the run's own task's validation split (a seeded subset of ``validation_limit`` examples, or
+        all of it), a number fixes it; the predictive is then ``p^(1/T)``.
 
     Every random draw comes from ``seed`` (default: the run's), so a repeated call gives the same
     numbers. The result is recorded in ``metrics.json`` under ``<task>/<split>/evaluate-<options>``,
@@ -86,13 +88,14 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
     ``evaluate-<options>`` part (``""``: under ``<task>/<split>``, as training records its own task)."""
     check_int("samples", samples, low=0, optional=True)
     check_int("limit", limit, low=1, optional=True)
+    check_int("validation_limit", validation_limit, low=1, optional=True)
     if temperature is not None and temperature != "validation":
         check_real("temperature", float(temperature), low=0, low_open=True)
     run = load_run(run_dir, device=device, cache=cache)
     spec = get_task(task) if task else run.task
     predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
     if temperature is not None:
-        T = _temperature(run, predict, temperature, limit)
+        T = _temperature(run, predict, temperature, validation_limit)
         untempered = predict
 
         def predict(data: EncodedDataset) -> torch.Tensor:

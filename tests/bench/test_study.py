@@ -1,4 +1,5 @@
-"""The results study runs end to end (tiny configuration) through the public API."""
+"""The results study runs end to end (tiny configuration) through the public API, every baseline a
+library feature, and resumes without redoing anything."""
 
 import json
 import subprocess
@@ -8,18 +9,27 @@ from pathlib import Path
 
 def test_study_tiny_configuration(tiny_llama, tmp_path):
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-m", "bench.study", "--config", "tiny", "--model", str(tiny_llama),
-                          "--out", str(tmp_path), "--seeds", "0", "1", "--tasks", "openbookqa", "--skip-bench"],
-                         capture_output=True, text=True, timeout=900, cwd=root)
+    cmd = [sys.executable, "-m", "bench.study", "--config", "tiny", "--model", str(tiny_llama), "--out", str(tmp_path),
+           "--seeds", "0", "1", "--skip-bench", "--resamples", "50"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
-    ood = ["arc-challenge", "arc-easy", "mmlu-college-chemistry", "mmlu-college-physics"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    results, diffs = saved["results"], saved["paired_differences"]
     # OOD rows are named by the training task, so ARC-Easy as an OOD test never merges with ARC-Easy runs
-    assert set(results) == {"openbookqa/test"} | {f"openbookqa → {t}/test" for t in ood}
-    assert all(len(results[row]["map"]["ece"]) == 2 for row in results)
+    assert set(results) == {"openbookqa/test", "openbookqa → arc-easy/test"}
     own = results["openbookqa/test"]
-    assert set(own) == {"map", "temperature", "mc-dropout", "ensemble", "blob", "laplace"}
-    assert len(own["blob"]["ece"]) == 2 and len(own["ensemble"]["ece"]) == 1
-    assert own["temperature"]["accuracy"] == own["map"]["accuracy"]  # temperature keeps the argmax
+    assert set(own) == {"map", "map+ts", "mc-dropout", "ensemble", "blob", "blob-mean", "blob+ts", "laplace-marglik",
+                        "laplace-valnll", "laplace+ts"}
+    assert all(len(own[m]["ece"]) == 2 for m in own if m != "ensemble") and len(own["ensemble"]["ece"]) == 1
+    assert own["map+ts"]["accuracy"] == own["map"]["accuracy"]  # a temperature keeps the argmax
+    assert own["blob"]["nll"] != own["blob-mean"]["nll"]  # N samples against the mean weights
+    d = diffs["openbookqa/test"]["blob"]["map"]["nll"]
+    assert d["low"] <= d["difference"] <= d["high"] and d["resamples"] == 50
+    assert set(diffs["openbookqa/test"]["map"]) == {"map+ts"}  # MAP against its tempered self
     assert (tmp_path / "reliability_openbookqa.png").is_file()
     assert "| blob |" in (tmp_path / "results.md").read_text()
+    # resume: a second run finds every run and evaluation done and redoes none of them
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.json")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.json")} == stamps
