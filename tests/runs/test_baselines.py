@@ -53,7 +53,7 @@ def test_temperature_scaling_fitted_on_validation(runs, name):
     assert T != 1.0 and 1e-2 <= T <= 1e2
     assert tempered.accuracy == plain.accuracy  # a temperature keeps every argmax
     # independently: T from the validation predictions, applied to the saved test predictions
-    val = evaluate(run_dir, split="validation", progress=False, record_as="val-check")
+    val = evaluate(run_dir, split="validation", limit=10 ** 6, progress=False, record_as="val-check")  # all of it
     val_probs, val_labels = _saved(run_dir, "arc-easy/validation/val-check")
     assert val.n == len(val_labels)
     assert abs(fit_temperature_to_probs(val_probs, val_labels) - T) <= 1e-6 * T
