@@ -55,7 +55,9 @@ class FlatNormal:
         self.noise = scale * torch.randn_like(loc)  # scale * E, kept: Flipout perturbs with it
         self.value = loc + self.noise
         self._pieces: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._blocks: dict[tuple[torch.dtype, tuple[int, ...]], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (dtype, the ranges cut) -> (first, end) site range -> (loc, noise) block
+        self._blocks: dict[tuple[torch.dtype, tuple[tuple[int, int], ...]],
+                           dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _split(self, what: str) -> tuple[torch.Tensor, ...]:
         if what not in self._pieces:
@@ -132,7 +134,7 @@ class NormalPiece(dist.Normal):
         self.whole, self.name = whole, name
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        if not sample_shape and getattr(self, "whole", None) is not None:
+        if not sample_shape:  # an expanded copy is a plain Normal (expand below), so whole is set
             value = self.whole.piece("value", self.name)
             if value.shape == self.batch_shape:
                 return value

@@ -221,8 +221,7 @@ def laplace_cmd(**kw: Any) -> None:
     lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=kfac, a_only=kw["a_only"], prior_precision=kw["prior_precision"],
                          predictive=kw["predictive"], mc_samples=kw["mc_samples"])
     cfg = RunConfig(task=kw["task"], model=_model_section(kw),
-                    data=DataConfig(train_limit=kw["train_limit"], test_limit=kw["test_limit"],
-                                    max_length=kw["max_length"], split_fractions=kw["split_fractions"]),
+                    data=_data_section(kw),
                     eval=EvalConfig(samples=kw["eval_samples"], ece_bins=kw["ece_bins"]),
                     optim=OptimConfig(seed=kw["seed"]))
     result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
@@ -230,6 +229,11 @@ def laplace_cmd(**kw: Any) -> None:
     click.echo(f"log marginal likelihood {result['log_marginal_likelihood']:.2f}, "
                f"prior precision {result['prior_precision']}")
     click.echo(f"run saved to {kw['out']}")
+
+
+def _data_section(kw: dict[str, Any]) -> DataConfig:
+    return DataConfig(train_limit=kw["train_limit"], test_limit=kw["test_limit"], max_length=kw["max_length"],
+                      split_fractions=kw["split_fractions"])
 
 
 def _model_section(kw: dict[str, Any]) -> ModelConfig:
@@ -246,8 +250,7 @@ def zero_shot_cmd(**kw: Any) -> None:
     from ..runs import zero_shot
 
     cfg = RunConfig(task=kw["task"], model=_model_section(kw),
-                    data=DataConfig(test_limit=kw["test_limit"], max_length=kw["max_length"],
-                                    split_fractions=kw["split_fractions"]))
+                    data=_data_section(kw))
     _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
 
 

@@ -138,7 +138,7 @@ def decompose(requests: list[tuple[FactorAccumulator, float, int | None]]) -> li
     same ``n x d`` in one batched thin SVD, the small dense sums of one ``d`` in one batched
     ``eigh``. Large dense sums use :func:`~pyro_llm.curvature.eig.top_eigenpairs` each, streamed
     bases a thin SVD each. One finiteness check (one host sync) covers all batched inputs."""
-    out: list[EigenFactor | None] = [None] * len(requests)
+    out: list[EigenFactor] = [None] * len(requests)  # type: ignore[list-item]  # every one filled below
     by_rows: dict[tuple[int, int], list[int]] = {}
     by_mat: dict[int, list[int]] = {}
     for i, (acc, _, rank) in enumerate(requests):
@@ -174,7 +174,7 @@ def decompose(requests: list[tuple[FactorAccumulator, float, int | None]]) -> li
             acc, _, rank = requests[i]
             k = min(rank or acc.rank, vals.shape[-1])
             out[i] = EigenFactor(vals[j, :k], vecs[j, :, :k])
-    return [f for f in out if f is not None]  # every request answered above
+    return out
 
 
 def _gram_eigen(columns: torch.Tensor, scale: float, rank: int) -> EigenFactor:
@@ -214,7 +214,7 @@ class _SiteHooks:
         over each row's length), made once per batch in ``_fit``; all ones for inputs of another shape."""
         w = self.state[key]
         if x.dim() == 3 and w is not None and w.shape[0] == x.shape[0] and w.shape[2] == x.shape[1]:
-            return w if w.dtype == x.dtype else w.to(x.dtype)
+            return w.to(x.dtype)  # no copy when the dtype is already x's
         ones = torch.ones(x.shape[0], 1, x[0].numel() // x.shape[-1], dtype=x.dtype, device=x.device)
         return ones / ones.shape[2] if key == "mean" else ones
 
@@ -253,7 +253,7 @@ class _SiteHooks:
     def _backward(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
         g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
         if self.cfg.mode == "reduce":
-            rows = torch.bmm(mask if mask.dtype == g.dtype else mask.to(g.dtype), g).squeeze(1)
+            rows = torch.bmm(mask.to(g.dtype), g).squeeze(1)
         else:
             rows = g.reshape(-1, g.shape[-1])[mask.reshape(-1) > 0]
         self.S.add(rows, rows.shape[0])

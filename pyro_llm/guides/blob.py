@@ -100,10 +100,7 @@ class BLoBGuide:
     def params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, G)`` of one site: views of the flat parameters."""
         M, G = self.flat_params()
-        i = self.model.site_names.index(name)
-        sizes = [s.shape.numel() for s in self.model.sites]
-        start, shape = sum(sizes[:i]), self.model.sites[i].shape
-        return M[start:start + sizes[i]].view(shape), G[start:start + sizes[i]].view(shape)
+        return self._per_site(M)[name], self._per_site(G)[name]
 
     def upgrade_saved(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Saved parameters of the earlier per-site layout (``<site>.M``, ``<site>.G``) as the flat

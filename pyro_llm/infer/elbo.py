@@ -99,15 +99,12 @@ def _whole_draws(pairs: list[tuple[Normal, Normal]]) -> tuple[list[FlatNormal], 
     ``pairs``, and the pairs left over."""
     by_whole: dict[int, list[tuple[Normal, Normal]]] = {}
     for pair in pairs:
-        whole = getattr(pair[0], "whole", None)
-        if isinstance(pair[0], NormalPiece) and whole is not None:
-            by_whole.setdefault(id(whole), []).append(pair)
+        if isinstance(pair[0], NormalPiece):
+            by_whole.setdefault(id(pair[0].whole), []).append(pair)
     wholes, used = [], set()
     for group in by_whole.values():
         whole = group[0][0].whole
-        if sorted(q.name for q, _ in group) == sorted(whole.names) and \
-                all(q.loc.shape == s for (q, _), s in zip(sorted(group, key=lambda g: whole.index[g[0].name]),
-                                                          whole.shapes)):
+        if sorted(q.name for q, _ in group) == sorted(whole.names):  # every piece, once
             wholes.append(whole)
             used.update(id(q) for q, _ in group)
     return wholes, [pair for pair in pairs if id(pair[0]) not in used]

@@ -131,9 +131,13 @@ class SVITrainer:
         self.last_terms: dict[str, float] = {}  # the last step's per-example NLL and KL (MeanFieldELBO)
 
     # -- the loss ----------------------------------------------------------------------------------
+    def _examples(self, batch: dict[str, torch.Tensor]) -> int:
+        """``N``, by which the ELBO is divided to make it per example."""
+        return self.model.dataset_size or batch["labels"].shape[0]
+
     def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """Negative per-example ELBO of one minibatch (KL weighted by the schedule)."""
-        n = self.model.dataset_size or batch["labels"].shape[0]
+        n = self._examples(batch)
         with contextlib.ExitStack() as stack:
             if self.use_flipout:
                 stack.enter_context(self._flipout)
@@ -218,7 +222,7 @@ class SVITrainer:
         # one host sync for the loss the progress bar shows and the gradients' finiteness together
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
-        n = self.model.dataset_size or batch["labels"].shape[0]
+        n = self._examples(batch)
         terms = getattr(self.elbo, "last_terms", None) or {}
         parts = [torch.as_tensor(terms[k], dtype=torch.float32, device=loss.device).detach().reshape(()) / n
                  for k in ("nll", "kl") if k in terms]
@@ -245,7 +249,8 @@ class SVITrainer:
 
     def _check_params_finite(self, params: list[torch.Tensor], step: int) -> None:
         """Before a checkpoint: every parameter finite (an update can overflow with finite gradients)."""
-        bad = [n for n, p in zip(self.param_names, params) if not bool(torch.isfinite(p).all())]
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()  # one host sync
+        bad = [n for n, ok in zip(self.param_names, finite) if not ok]
         if bad:
             raise NonFiniteLossError(f"{len(bad)} parameters (first: {bad[0]}) are not finite after step {step}; "
                                      f"{self._advice()}")

@@ -62,7 +62,6 @@ class RunFolder:
         if overwrite and resume:
             raise ValueError("--overwrite and --resume exclude each other")
         self.out = Path(out)
-        self.overwrite, self.resume = overwrite, resume
         here = self.out.resolve()
         for item in inputs:
             if item is None or not Path(item).exists():
@@ -90,7 +89,7 @@ class RunFolder:
         #: ours and holding nothing worth keeping (stopped before its first checkpoint): start afresh there
         self._wipe = state == "unstarted"
         #: the new run goes to the staging folder and replaces the old one at the end
-        self.replacing = overwrite and state in ("run", "unstarted") and not self._wipe
+        self.replacing = overwrite and state == "run"
         self.path = self.staging if self.replacing else self.out
 
     def _state(self) -> str:

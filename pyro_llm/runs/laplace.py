@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyro
 import torch
@@ -81,20 +81,27 @@ class LaplaceRun:
         gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from the seeded global generator
         return mc_probs(mean, cov[0], self.lconfig.mc_samples, gen).float()
 
-    def evaluate(self, task: TaskSpec, *, split: str = "test", limit: int | None = None, progress: bool = True,
-                 predictive: str | None = None, samples: int | None = None, seed: int | None = None,
-                 suffix: str | None = None):
-        """Score ``task``/``split``; every random draw comes from ``seed`` (default: the run's)."""
+    def predictor(self, predictive: str | None = None, samples: int | None = None, seed: int | None = None,
+                  progress: bool = True) -> tuple[Callable[[Any], torch.Tensor], dict[str, Any]]:
+        """``(predict, facts)``: :meth:`predict` with ``predictive`` as ``predict(data) -> probs``,
+        every call drawing from ``seed`` (default: the run's), and the facts to record beside it."""
         kind = predictive or self.lconfig.predictive
+        lookup(PREDICTIVES, kind, "predictive")
         seed = self.config.optim.seed if seed is None else seed
 
         def predict(data: Any) -> torch.Tensor:
             pyro.set_rng_seed(seed)
             return self.predict(data, kind, samples, progress)
 
-        if suffix is None:
-            suffix = "" if kind == self.lconfig.predictive else f"/{kind}"
-        metrics, _ = score(self, task, split, limit, predict, suffix, {"predictive": kind, "seed": seed})
+        return predict, {"predictive": kind, "seed": seed}
+
+    def evaluate(self, task: TaskSpec, *, split: str = "test", limit: int | None = None, progress: bool = True,
+                 predictive: str | None = None, samples: int | None = None, seed: int | None = None):
+        """Score ``task``/``split`` (recorded under ``<task>/<split>``, plus ``/<predictive>`` for
+        another than the run's); every random draw comes from ``seed`` (default: the run's)."""
+        predict, facts = self.predictor(predictive, samples, seed, progress)
+        suffix = "" if facts["predictive"] == self.lconfig.predictive else f"/{facts['predictive']}"
+        metrics, _ = score(self, task, split, limit, predict, suffix, facts)
         return metrics
 
 

@@ -15,7 +15,6 @@ from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, tem
 from ..io import atomic_write_json
 from .common import LoadedRun, load_split, read_config, retarget_head, score
 from .laplace import LaplaceRun, load_laplace_run
-from .registry import PREDICTIVES, lookup
 from .svi import load_svi_run, svi_predictor
 from .zero_shot import load_zero_shot_run
 
@@ -43,16 +42,11 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
     check_int("seed", seed, low=0, optional=True)
     seed = run.config.optim.seed if seed is None else seed
     if isinstance(run, LaplaceRun):
-        kind = predictive or run.lconfig.predictive
-        lookup(PREDICTIVES, kind, "predictive")
         n = run.config.eval.samples if samples is None else samples
         check_int("samples", n, low=0)
-
-        def predict(data: EncodedDataset) -> torch.Tensor:
-            pyro.set_rng_seed(seed)
-            return run.predict(data, kind, n, progress)
-
-        return predict, f"{kind}{f'-n{n}' if kind == 'nn' else ''}-seed{seed}", {"predictive": kind, "seed": seed}
+        predict, facts = run.predictor(predictive, n, seed, progress)
+        kind = facts["predictive"]
+        return predict, f"{kind}{f'-n{n}' if kind == 'nn' else ''}-seed{seed}", facts
     if predictive is not None:
         raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run.run_dir} is an SVI run "
                          "(its predictive is the N-sample average: use --samples)")
