@@ -11,8 +11,10 @@ def test_study_tiny_configuration(tiny_llama, tmp_path):
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "bench.study", "--config", "tiny", "--model", str(tiny_llama), "--out", str(tmp_path),
            "--seeds", "0", "1", "--skip-bench", "--resamples", "50"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
+    # the seeds side by side (one process each), then the tables over their finished runs
+    res = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True, timeout=900, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert all((tmp_path / "runs" / f"seed{s}-tables" / "results.json").is_file() for s in (0, 1))
     saved = json.loads((tmp_path / "results.json").read_text())
     results, diffs = saved["results"], saved["paired_differences"]
     # OOD rows are named by the training task, so ARC-Easy as an OOD test never merges with ARC-Easy runs
@@ -28,7 +30,7 @@ def test_study_tiny_configuration(tiny_llama, tmp_path):
     assert set(diffs["openbookqa/test"]["map"]) == {"map+ts"}  # MAP against its tempered self
     assert (tmp_path / "reliability_openbookqa.png").is_file()
     assert "| blob |" in (tmp_path / "results.md").read_text()
-    # resume: a second run finds every run and evaluation done and redoes none of them
+    # resume: a second run (one process) finds every run and evaluation done and redoes none of them
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.json")}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
