@@ -92,12 +92,16 @@ def _predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     return t["probs"], t["labels"]
 
 
+def _recorded(run_dir: Path, key: str) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())[key]
+
+
 def _scored(run_dir: Path, task: str, tag: str, limit: int | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's test predictions on ``task`` under ``tag`` (evaluated once; a rerun reads them back).
     With no options on the run's own task they are the ones the run recorded when it finished
     (:func:`~pyro_llm.runs.evaluate` with defaults makes the same draws from the run's seed)."""
     key = f"{task}/test/{tag}"
-    table = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    table = json.loads((run_dir / "metrics.json").read_text())
     if not options and f"{task}/test" in table and key not in table:
         return _predictions(run_dir, f"{task}/test")
     if key not in table:
@@ -164,31 +168,30 @@ def main() -> None:
     costs: dict[str, list[float]] = {"map_step_s": [], "blob_step_s": [], "laplace_fit_s": []}
     for task in args.tasks or c["tasks"]:
         evals = [task] + c["ood"].get(task, [])
-        maps: list[Path] = []
-        for seed in args.seeds:
-            base = runs_root / task / f"seed{seed}"
-            cells = _cells(c, task, seed, base)
-            maps.append(cells["map"][0])
-            for name in evals:
-                row = f"{name}/test" if name == task else f"{task} → {name}/test"
-                limit = None if name == task else c["ood_limit"]
-                for method, (run_dir, options) in cells.items():
-                    probs, labels = _scored(run_dir, name, method, limit, **options)
-                    records.setdefault(row, {}).setdefault(method, []).append(compute_metrics(probs, labels).as_dict())
-                    pooled.setdefault(row, {}).setdefault(method, []).append((probs, labels))
+        by_seed = {seed: _cells(c, task, seed, runs_root / task / f"seed{seed}") for seed in args.seeds}
+        for cells in by_seed.values():
             costs["map_step_s"].append(statistics.median(
                 h["seconds"] for h in json.loads((cells["map"][0] / "history.json").read_text())))
             costs["blob_step_s"].append(statistics.median(
                 h["seconds"] for h in json.loads((cells["blob"][0] / "history.json").read_text())))
             costs["laplace_fit_s"].append(json.loads(
                 (cells["laplace-marglik"][0] / "laplace" / "fit.json").read_text())["fit_seconds"])
-        if len(maps) > 1:
-            for name in evals:
-                row = f"{name}/test" if name == task else f"{task} → {name}/test"
-                m = evaluate_ensemble(maps, name, limit=None if name == task else c["ood_limit"], progress=False)
-                records[row]["ensemble"] = [m.as_dict()]
-        # partial tables after every task, so an interrupted study still reports what it finished
-        write_results(out, c, args, records, pooled, costs, {}, time.perf_counter() - started, quiet=True)
+        for name in evals:  # the task's own test split first, then its shifted ones
+            row = f"{name}/test" if name == task else f"{task} → {name}/test"
+            limit = None if name == task else c["ood_limit"]
+            for cells in by_seed.values():
+                for method, (run_dir, options) in cells.items():
+                    if name != task and options.get("temperature") == "validation":
+                        # the T fitted for the task's own row (same run, same validation split)
+                        options = {"temperature": _recorded(run_dir, f"{task}/test/{method}")["temperature"]}
+                    probs, labels = _scored(run_dir, name, method, limit, **options)
+                    records.setdefault(row, {}).setdefault(method, []).append(compute_metrics(probs, labels).as_dict())
+                    pooled.setdefault(row, {}).setdefault(method, []).append((probs, labels))
+            if len(by_seed) > 1:
+                maps = [cells["map"][0] for cells in by_seed.values()]
+                records[row]["ensemble"] = [evaluate_ensemble(maps, name, limit=limit, progress=False).as_dict()]
+            # partial tables after every row, so an interrupted study still reports what it finished
+            write_results(out, c, args, records, pooled, costs, {}, time.perf_counter() - started, quiet=True)
     bench = {} if args.skip_bench or c["model"] == "minilm-l6" else cost_benchmarks(c, out)
     write_results(out, c, args, records, pooled, costs, bench, time.perf_counter() - started)
 
