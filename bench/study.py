@@ -92,8 +92,9 @@ def _predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     return t["probs"], t["labels"]
 
 
-def _recorded(run_dir: Path, key: str) -> dict[str, Any]:
-    return json.loads((run_dir / "metrics.json").read_text())[key]
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json``: every evaluation it has recorded, by key."""
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _scored(run_dir: Path, task: str, tag: str, limit: int | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +102,7 @@ def _scored(run_dir: Path, task: str, tag: str, limit: int | None, **options: An
     With no options on the run's own task they are the ones the run recorded when it finished
     (:func:`~pyro_llm.runs.evaluate` with defaults makes the same draws from the run's seed)."""
     key = f"{task}/test/{tag}"
-    table = json.loads((run_dir / "metrics.json").read_text())
+    table = _metrics(run_dir)
     if not options and f"{task}/test" in table and key not in table:
         return _predictions(run_dir, f"{task}/test")
     if key not in table:
@@ -183,7 +184,7 @@ def main() -> None:
                 for method, (run_dir, options) in cells.items():
                     if name != task and options.get("temperature") == "validation":
                         # the T fitted for the task's own row (same run, same validation split)
-                        options = {"temperature": _recorded(run_dir, f"{task}/test/{method}")["temperature"]}
+                        options = {"temperature": _metrics(run_dir)[f"{task}/test/{method}"]["temperature"]}
                     probs, labels = _scored(run_dir, name, method, limit, **options)
                     records.setdefault(row, {}).setdefault(method, []).append(compute_metrics(probs, labels).as_dict())
                     pooled.setdefault(row, {}).setdefault(method, []).append((probs, labels))
@@ -211,13 +212,14 @@ def _seeds_side_by_side(args: Any, runs_root: Path) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
-            log = (runs_root / f"seed{seed}.log")
+            log = runs_root / f"seed{seed}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "bench.study", "--config", args.config, "--seeds", str(seed), "--skip-bench",
                    "--out", str((runs_root / f"seed{seed}-tables").resolve()), "--runs-dir", str(runs_root.resolve()), *passed]
-            running.append((seed, subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                                                   cwd=Path(__file__).resolve().parents[1])))
+            with log.open("w") as sink:  # the child holds its own copy of the descriptor
+                running.append((seed, subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT,
+                                                       env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                                       cwd=Path(__file__).resolve().parents[1])))
         time.sleep(2)
         for seed, proc in list(running):
             if proc.poll() is not None:
