@@ -122,10 +122,13 @@ def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tup
 
     runs = {"map": fit("map", guide="map"), "blob": fit("blob", guide="blob"),
             "mc-dropout": fit("mc-dropout", guide="map", lora_dropout=0.1)}
-    for name, method in (("laplace-marglik", "marglik"), ("laplace-valnll", "val-nll")):
+    # one K-FAC pass per MAP: the validation-NLL run reuses the evidence run's curvature
+    for name, method, curvature in (("laplace-marglik", "marglik", ""),
+                                    ("laplace-valnll", "val-nll", str(base / "laplace-marglik"))):
         d = base / name
         if not (d / "metrics.json").is_file():
-            laplace(run_config(c, task, seed), LaplaceConfig(adapter=str(runs["map"]), prior_precision=method), d,
+            laplace(run_config(c, task, seed), LaplaceConfig(adapter=str(runs["map"]), prior_precision=method,
+                                                             curvature_from=curvature), d,
                     overwrite=True, progress=False)
         runs[name] = d
     ts = {"temperature": "validation", "validation_limit": c["val_limit"]}

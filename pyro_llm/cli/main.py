@@ -201,6 +201,9 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @click.option("--dense-threshold", default=_KFAC.dense_threshold,
               help="Factors larger than this are streamed at low rank.")
 @click.option("--a-only", is_flag=True, help="Posterior over A only (default: A and B, as the paper).")
+@click.option("--curvature-from", default="", type=click.Path(file_okay=False),
+              help="A Laplace run of the same adapter and data whose K-FAC is reused; only the prior "
+                   "precision is chosen again.")
 @click.option("--prior-precision", default=_LAPLACE.prior_precision,
               help="marglik, marglik-layerwise, val-nll, prior (1/sigma^2 of the model's Gaussian prior), "
                    "or a fixed positive number.")
@@ -219,7 +222,7 @@ def laplace_cmd(**kw: Any) -> None:
     kfac = KFACConfig(fisher=kw["fisher"], mode=kw["kfac_mode"], n_kfac=kw["n_kfac"],
                       dense_threshold=kw["dense_threshold"], batch_size=kw["batch_size"])
     lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=kfac, a_only=kw["a_only"], prior_precision=kw["prior_precision"],
-                         predictive=kw["predictive"], mc_samples=kw["mc_samples"])
+                         predictive=kw["predictive"], mc_samples=kw["mc_samples"], curvature_from=kw["curvature_from"])
     cfg = RunConfig(task=kw["task"], model=_model_section(kw),
                     data=_data_section(kw),
                     eval=EvalConfig(samples=kw["eval_samples"], ece_bins=kw["ece_bins"]),

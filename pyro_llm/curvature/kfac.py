@@ -291,7 +291,7 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
     hooks = [_SiteHooks(s.name, s.module, config, state) for s in model.sites]
     loglik = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        for i, idx in enumerate(tqdm(list(data.sequential(config.batch_size)), desc="k-fac", disable=not progress,
+        for i, idx in enumerate(tqdm(data.by_length(config.batch_size), desc="k-fac", disable=not progress,
                                      leave=False)):
             batch = data.batch(idx, device)
             # the row weights once per batch, not once per site hook (120 of them for SmolLM2)

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .examples import Example
 
-__all__ = ["EncodedDataset", "encode_examples"]
+__all__ = ["EncodedDataset", "encode_examples", "in_row_order"]
 
 
 @dataclass
@@ -64,6 +64,25 @@ class EncodedDataset:
         """Row indices in order, for evaluation."""
         for start in range(0, len(self), batch_size):
             yield torch.arange(start, min(start + batch_size, len(self)))
+
+    def by_length(self, batch_size: int) -> list[torch.Tensor]:
+        """Row indices in batches of neighbouring lengths, longest first, for evaluation passes.
+
+        A batch is trimmed to its longest row, so grouping rows by length cuts the padding a pass
+        computes (a BoolQ passage is 40 to 400 tokens); the longest batch comes first, so a pass that
+        would run out of memory does so at once. Per-row results go back to row order with
+        :func:`in_row_order`."""
+        order = sorted(range(len(self)), key=lambda i: -self._lengths[i])  # stable: ties keep row order
+        return [torch.tensor(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+
+
+def in_row_order(batches: Sequence[torch.Tensor], parts: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Per-batch results ``parts`` (rows along ``dim``) of the row-index ``batches`` put back in row order."""
+    index = torch.cat(list(batches))
+    stacked = torch.cat(list(parts), dim=dim)
+    out = torch.empty_like(stacked)
+    out.index_copy_(dim, index.to(stacked.device), stacked)
+    return out
 
 
 def encode_examples(

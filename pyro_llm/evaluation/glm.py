@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collate import EncodedDataset
+from ..data.collate import EncodedDataset, in_row_order
 from ..guides.laplace import LaplaceGuide
 
 __all__ = ["glm_logit_moments", "probit_probs", "mc_probs"]
@@ -62,10 +62,11 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
             captured[name] = (inputs[0].detach(), output)
         return fn
 
+    batches = data.by_length(batch_size)
     handles = [s.module.register_forward_hook(hook(s.name)) for s in model.sites]
     values = {k: v.detach().requires_grad_(True) for k, v in guide.median().items()}
     try:
-        for idx in tqdm(list(data.sequential(batch_size)), desc="glm", disable=not progress, leave=False):
+        for idx in tqdm(batches, desc="glm", disable=not progress, leave=False):
             batch = data.batch(idx, device)
             captured.clear()
             with torch.enable_grad():
@@ -93,7 +94,7 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(means), torch.cat(covs, dim=1)
+    return in_row_order(batches, means), in_row_order(batches, covs, dim=1)
 
 
 def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collate import EncodedDataset
+from ..data.collate import EncodedDataset, in_row_order
 from ..guides.ops import guide_median, guide_sample
 from ..models.model import BayesianLoRAModel
 
@@ -47,7 +47,7 @@ def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *,
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     device = device or model.device
     out = []
-    batches = list(data.sequential(batch_size))
+    batches = data.by_length(batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = data.batch(idx, device)
         rows = batch["input_ids"].shape[0]
@@ -64,7 +64,7 @@ def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *,
             logits = model.logits_at(_stack_batch(batch, s), stacked if s > 1 else draws[0])
             acc += logits.softmax(-1).double().view(s, rows, -1).sum(0)
         out.append((acc / num_samples).float().cpu())
-    return torch.cat(out)
+    return in_row_order(batches, out)
 
 
 @torch.no_grad()
@@ -73,7 +73,8 @@ def mean_logits(model: BayesianLoRAModel, values: dict[str, torch.Tensor], data:
     """Logits ``[len(data), C]`` at fixed site values (e.g. the MAP)."""
     device = device or model.device
     out = []
-    for idx in data.sequential(batch_size):
+    batches = data.by_length(batch_size)
+    for idx in batches:
         batch = data.batch(idx, device)
         out.append(model.logits_at(_stack_batch(batch, 1), values).cpu())
-    return torch.cat(out)
+    return in_row_order(batches, out)

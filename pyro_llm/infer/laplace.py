@@ -36,7 +36,7 @@ from ..models.model import BayesianLoRAModel
 from ..priors import IIDPrior
 
 __all__ = ["LaplaceFit", "PRIOR_PRECISION_METHODS", "blocks_from_factors", "fit_laplace", "optimize_prior_precision",
-           "prior_precision_of"]
+           "prior_precision_of", "tune_prior_precision"]
 
 #: How :func:`optimize_prior_precision` tunes ``lambda``.
 PRIOR_PRECISION_METHODS = ("marglik", "val-nll")
@@ -150,18 +150,28 @@ def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACCon
     if isinstance(prior_precision, (int, float)) and not (0 < float(prior_precision) < float("inf")):
         raise ValueError(f"prior_precision must be positive and finite, got {prior_precision}")
     factors = fit_kfac(model, train, config, progress=progress, generator=generator)
+    fitted = LaplaceGuide(model, blocks_from_factors(model, factors), 1.0)
+    lml = tune_prior_precision(fitted, prior_precision, log_likelihood=factors.log_likelihood, layerwise=layerwise,
+                               validation=validation, batch_size=config.batch_size, progress=progress)
+    return LaplaceFit(fitted, factors, lml)
+
+
+def tune_prior_precision(guide: LaplaceGuide, prior_precision: str | float | None, *, log_likelihood: float,
+                         layerwise: bool = False, validation: EncodedDataset | None = None, batch_size: int = 4,
+                         progress: bool = False) -> float:
+    """Set a fitted guide's prior precision as :func:`fit_laplace` does (the model's prior, a number,
+    or a method of :func:`optimize_prior_precision` started from the prior's value) and return the
+    log evidence. The curvature is not touched, so one K-FAC pass serves several choices of
+    ``lambda``."""
     try:
-        start = prior_precision_of(model)
+        guide.set_prior_precision(prior_precision_of(guide.model))
     except ValueError:
         if prior_precision is None:
             raise
-        start = 1.0
-    fitted = LaplaceGuide(model, blocks_from_factors(model, factors), start)
+        guide.set_prior_precision(1.0)
     if isinstance(prior_precision, str):
-        optimize_prior_precision(fitted, prior_precision, log_likelihood=factors.log_likelihood,
-                                 validation=validation, layerwise=layerwise, batch_size=config.batch_size,
-                                 progress=progress)
+        optimize_prior_precision(guide, prior_precision, log_likelihood=log_likelihood, validation=validation,
+                                 layerwise=layerwise, batch_size=batch_size, progress=progress)
     elif prior_precision is not None:
-        fitted.set_prior_precision(float(prior_precision))
-    lml = float(fitted.log_marginal_likelihood(factors.log_likelihood))
-    return LaplaceFit(fitted, factors, lml)
+        guide.set_prior_precision(float(prior_precision))
+    return float(guide.log_marginal_likelihood(log_likelihood))

@@ -32,12 +32,12 @@ from torch import distributed as dist
 from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..data.prompts import answer_strings
 from ..evaluation import Metrics, compute_metrics, plot_reliability
-from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, read_json
+from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from ..models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, build_model, resolve_device
 from .config import RunConfig
 
 __all__ = ["LoadedRun", "build_for", "init_distributed", "load_split", "model_name_for", "read_config",
-           "rebuild", "record_metrics", "retarget_head", "run_config_of", "score", "write_config"]
+           "rebuild", "record_metrics", "recorded_predictions", "retarget_head", "run_config_of", "score", "write_config"]
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,31 @@ def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any,
     under ``<task>/<split><suffix>``."""
     cfg = run.config
     retarget_head(run, task)
-    data = load_split(cfg, task, split, run.tokenizer, limit if limit is not None else cfg.data.test_limit)
+    limit = limit if limit is not None else cfg.data.test_limit
+    data = load_split(cfg, task, split, run.tokenizer, limit)
     probs = predict(data)
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.eval.ece_bins)
-    record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels, extra)
+    # the limit is recorded with the predictive's facts: together they name the examples and draws
+    record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels,
+                   {**(extra or {}), "limit": limit})
     return metrics, probs
+
+
+def recorded_predictions(run_dir: Path, task: TaskSpec, split: str, facts: dict[str, Any],
+                         limit: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(probs, labels)`` an earlier, untempered evaluation of ``task``/``split`` recorded with the
+    same predictive facts (samples, seed, predictive) and limit, or ``None``: the same examples
+    and draws, so a tempered evaluation can reuse them instead of predicting again."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    for key, entry in read_json(path, "metrics").items():
+        if (key.split("/")[:2] == [task.name, split] and "temperature" not in entry and "limit" in entry
+                and entry["limit"] == limit and all(entry.get(k) == v for k, v in facts.items())):
+            file = run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors"
+            if file.is_file():
+                saved = load_tensors(file)
+                return saved["probs"], saved["labels"]
+    return None
 
 

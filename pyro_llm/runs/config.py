@@ -241,6 +241,9 @@ class LaplaceConfig:
     prior_precision: str = "marglik"  # marglik | marglik-layerwise | val-nll | prior | <float>
     predictive: str = "glm"
     mc_samples: int = 1000
+    #: a Laplace run of the same adapter and training data whose K-FAC posterior is reused: only the
+    #: prior precision is chosen again (one curvature pass for, e.g., both marglik and val-nll)
+    curvature_from: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.kfac, dict):

@@ -26,7 +26,7 @@ from ..data import TaskSpec, get_task
 from ..evaluation import predict_proba
 from ..evaluation.glm import glm_logit_moments, mc_probs, probit_probs
 from ..guides import LaplaceGuide
-from ..infer.laplace import fit_laplace
+from ..infer.laplace import fit_laplace, tune_prior_precision
 from ..checks import check_int
 from ..io import CorruptFileError, atomic_write_json, read_json
 from ..models import build_model, lora_options_from_adapter, resolve_device
@@ -93,7 +93,10 @@ class LaplaceRun:
             pyro.set_rng_seed(seed)
             return self.predict(data, kind, samples, progress)
 
-        return predict, {"predictive": kind, "seed": seed}
+        facts: dict[str, Any] = {"predictive": kind, "seed": seed}
+        if kind == "nn":  # the sampled predictive's draws depend on N too
+            facts["samples"] = self.config.eval.samples if samples is None else samples
+        return predict, facts
 
     def evaluate(self, task: TaskSpec, *, split: str = "test", limit: int | None = None, progress: bool = True,
                  predictive: str | None = None, samples: int | None = None, seed: int | None = None):
@@ -139,26 +142,61 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
     train = load_split(cfg, task, "train", tok, cfg.data.train_limit)
     validation = load_split(cfg, task, "validation", tok, None) if lcfg.prior_precision == "val-nll" else None
     net.dataset_size = len(train)
+    source = _curvature_source(lcfg, cfg, adapter_dir) if lcfg.curvature_from else None
     with folder as out:
         shutil.copytree(adapter_dir, out / "adapter")  # the run is self-contained
         write_config(out, "laplace", cfg, state="running", laplace=asdict(lcfg))
         start = time.perf_counter()
-        gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
-        fit = fit_laplace(net, train, lcfg.kfac, validation=validation, progress=progress,
-                          generator=gen if net.device.type == "cpu" else None,
-                          **_prior_precision_args(lcfg.prior_precision))
+        if source is None:
+            gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
+            fit = fit_laplace(net, train, lcfg.kfac, validation=validation, progress=progress,
+                              generator=gen if net.device.type == "cpu" else None,
+                              **_prior_precision_args(lcfg.prior_precision))
+            guide, log_likelihood, num_examples = fit.guide, fit.factors.log_likelihood, fit.factors.num_examples
+        else:
+            guide = LaplaceGuide.load(net, source / "laplace" / "guide.safetensors")
+            facts = read_json(source / "laplace" / "fit.json", "Laplace fit")
+            log_likelihood, num_examples = float(facts["log_likelihood"]), int(facts["num_examples"])
+            tune_prior_precision(guide, log_likelihood=log_likelihood, validation=validation,
+                                 batch_size=lcfg.batch_size, progress=progress,
+                                 **_prior_precision_args(lcfg.prior_precision))
         fit_seconds = time.perf_counter() - start
-        run = LaplaceRun(net, fit.guide, tok, cfg, lcfg, task, out)
-        fit.guide.save(out / "laplace" / "guide.safetensors")
-        lml = float(fit.guide.log_marginal_likelihood(fit.factors.log_likelihood))
+        run = LaplaceRun(net, guide, tok, cfg, lcfg, task, out)
+        guide.save(out / "laplace" / "guide.safetensors")
+        lml = float(guide.log_marginal_likelihood(log_likelihood))
         atomic_write_json(out / "laplace" / "fit.json", {
-            "log_likelihood": fit.factors.log_likelihood, "log_marginal_likelihood": lml,
-            "prior_precision": fit.guide.prior_precision.tolist(), "num_examples": fit.factors.num_examples,
-            "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in fit.guide.blocks.values())})
+            "log_likelihood": log_likelihood, "log_marginal_likelihood": lml,
+            "prior_precision": guide.prior_precision.tolist(), "num_examples": num_examples,
+            "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in guide.blocks.values()),
+            **({"curvature_from": str(source)} if source is not None else {})})
         metrics = run.evaluate(task, progress=progress)
         write_config(out, "laplace", cfg, state="finished", laplace=asdict(lcfg))
     return {f"{task.name}/test": metrics.as_dict(), "log_marginal_likelihood": lml,
-            "prior_precision": fit.guide.prior_precision.tolist()}
+            "prior_precision": guide.prior_precision.tolist()}
+
+
+def _curvature_source(lcfg: LaplaceConfig, cfg: RunConfig, adapter_dir: Path) -> Path:
+    """The finished Laplace run named by ``lcfg.curvature_from``, checked to hold the K-FAC of this
+    very adapter (same weights), task, training examples and K-FAC settings."""
+    source = Path(lcfg.curvature_from)
+    raw = read_config(source)
+    if raw.get("kind") != "laplace" or raw.get("state") != "finished":
+        raise ValueError(f"--curvature-from {source} is not a finished Laplace run")
+    theirs = run_config_of(source)
+    other = LaplaceConfig.from_dict(raw["laplace"])
+    weights = [f for f in adapter_dir.iterdir() if f.suffix == ".safetensors"]
+    same_weights = bool(weights) and all((source / "adapter" / f.name).is_file() and
+                                         (source / "adapter" / f.name).read_bytes() == f.read_bytes() for f in weights)
+    mismatches = [what for what, same in (
+        ("adapter weights", same_weights), ("base model", theirs.model.name == cfg.model.name),
+        ("task", theirs.task == cfg.task),
+        ("seed of the sampled Fisher", lcfg.kfac.fisher != "mc" or theirs.optim.seed == cfg.optim.seed),
+        ("training data", asdict(theirs.data) == asdict(cfg.data)), ("K-FAC settings", other.kfac == lcfg.kfac),
+        ("sites (a_only)", other.a_only == lcfg.a_only)) if not same]
+    if mismatches:
+        raise ValueError(f"--curvature-from {source} was fitted with other {', '.join(mismatches)}; "
+                         "its curvature does not describe this posterior")
+    return source
 
 
 def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | None = None) -> LaplaceRun:

@@ -13,7 +13,7 @@ from ..checks import check_int, check_real
 from ..data import EncodedDataset, TaskSpec, get_task
 from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, temper
 from ..io import atomic_write_json
-from .common import LoadedRun, load_split, read_config, retarget_head, score
+from .common import LoadedRun, load_split, read_config, recorded_predictions, retarget_head, score
 from .laplace import LaplaceRun, load_laplace_run
 from .svi import load_svi_run, svi_predictor
 from .zero_shot import load_zero_shot_run
@@ -90,9 +90,14 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
     predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
     if temperature is not None:
         T = _temperature(run, predict, temperature, validation_limit)
+        # the same draws on the same examples, already recorded (e.g. at the end of training), are reused
+        recorded = recorded_predictions(run.run_dir, spec, split, facts,
+                                        limit if limit is not None else run.config.data.test_limit)
         untempered = predict
 
         def predict(data: EncodedDataset) -> torch.Tensor:
+            if recorded is not None and torch.equal(recorded[1], data.labels):
+                return temper(recorded[0], T)
             return temper(untempered(data), T)
 
         tag += "-Tval" if temperature == "validation" else f"-T{T:g}"

@@ -299,3 +299,59 @@ def test_laplace_cli_on_our_map_run_and_on_a_plain_peft_adapter(tiny_llama, tmp_
     assert res.exit_code == 0, res.output
     fit = json.loads((tmp_path / "la-plain" / "laplace" / "fit.json").read_text())
     assert fit["num_params"] == 2 * 2 * (4 * 32) + 2 * (32 * 4) + 2 * (16 * 4)
+
+
+def test_a_second_prior_precision_reuses_the_curvature_of_a_finished_run(tiny_llama, tmp_path):
+    """``--curvature-from``: the K-FAC posterior of an earlier run of the same adapter is reused (the
+    planted factors come back) and only the prior precision is chosen again, as a fresh fit would;
+    another adapter or other training data are refused."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pyro_llm.cli import cli
+    from pyro_llm.io import atomic_save_tensors, load_tensors
+
+    runner = CliRunner()
+    common = ["--train-limit", "12", "--test-limit", "8", "--max-length", "64", "--model", str(tiny_llama)]
+
+    def invoke(*args):
+        return runner.invoke(cli, [*args, *common])
+
+    for seed in (0, 1):
+        assert invoke("svi-train", "--guide", "map", "--steps", "3", "--lr", "1e-2", "--seed", str(seed),
+                      "--out", str(tmp_path / f"map{seed}")).exit_code == 0
+    assert invoke("laplace", "--adapter", str(tmp_path / "map0"), "--out", str(tmp_path / "marglik")).exit_code == 0
+    fresh = invoke("laplace", "--adapter", str(tmp_path / "map0"), "--out", str(tmp_path / "valnll"),
+                   "--prior-precision", "val-nll")
+    assert fresh.exit_code == 0, fresh.output
+    reused = invoke("laplace", "--adapter", str(tmp_path / "map0"), "--out", str(tmp_path / "valnll-reused"),
+                    "--prior-precision", "val-nll", "--curvature-from", str(tmp_path / "marglik"))
+    assert reused.exit_code == 0, reused.output
+    fits = {n: json.loads((tmp_path / n / "laplace" / "fit.json").read_text())
+            for n in ("marglik", "valnll", "valnll-reused")}
+    assert fits["valnll-reused"]["prior_precision"] == pytest.approx(fits["valnll"]["prior_precision"], rel=1e-6)
+    assert fits["valnll-reused"]["prior_precision"] != pytest.approx(fits["marglik"]["prior_precision"], rel=1e-3)
+    assert fits["valnll-reused"]["log_likelihood"] == fits["marglik"]["log_likelihood"]
+    metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text())["arc-easy/test"] for n in ("valnll", "valnll-reused")}
+    assert metrics["valnll-reused"]["nll"] == pytest.approx(metrics["valnll"]["nll"], rel=1e-5, abs=1e-6)
+    # planted: every eigenvalue of the source doubled comes back in the run that reuses it
+    planted = tmp_path / "planted"
+    shutil.copytree(tmp_path / "marglik", planted)
+    factors = load_tensors(planted / "laplace" / "guide.safetensors")
+    atomic_save_tensors(planted / "laplace" / "guide.safetensors",
+                        {k: v * 2 if k.endswith("eigvals") else v for k, v in factors.items()})
+    assert invoke("laplace", "--adapter", str(tmp_path / "map0"), "--out", str(tmp_path / "from-planted"),
+                  "--prior-precision", "1.0", "--curvature-from", str(planted)).exit_code == 0
+    got = load_tensors(tmp_path / "from-planted" / "laplace" / "guide.safetensors")
+    eig = [k for k in factors if k.endswith("eigvals")]
+    assert eig and all(torch.equal(got[k], factors[k] * 2) for k in eig)
+    # another adapter, or other training data, is refused with the reason
+    res = invoke("laplace", "--adapter", str(tmp_path / "map1"), "--out", str(tmp_path / "wrong"),
+                 "--curvature-from", str(tmp_path / "marglik"))
+    assert res.exit_code != 0 and "adapter weights" in res.output and not (tmp_path / "wrong").exists()
+    res = runner.invoke(cli, ["laplace", "--adapter", str(tmp_path / "map0"), "--out", str(tmp_path / "wrong"),
+                              "--curvature-from", str(tmp_path / "marglik"), "--train-limit", "10", "--test-limit",
+                              "8", "--max-length", "64", "--model", str(tiny_llama)])
+    assert res.exit_code != 0 and "training data" in res.output

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pyro_llm.cli import cli
 from pyro_llm.evaluation import compute_metrics, fit_temperature_to_probs, temper
-from pyro_llm.io import load_tensors
+from pyro_llm.io import atomic_save_tensors, load_tensors
 from pyro_llm.runs import RunConfig, evaluate, evaluate_ensemble, train, zero_shot
 
 
@@ -60,6 +61,28 @@ def test_temperature_scaling_fitted_on_validation(runs, name):
     test_probs, test_labels = _saved(run_dir, test_key)
     ref = compute_metrics(temper(test_probs, T), test_labels)
     assert abs(ref.nll - tempered.nll) <= 1e-5 and abs(ref.ece - tempered.ece) <= 1e-3
+
+
+def test_tempered_evaluation_reuses_the_recorded_draws(runs):
+    """A tempered evaluation tempers the predictions already recorded with the same draws on the same
+    examples instead of predicting again: planted predictions must come back tempered."""
+    run_dir = runs["blob"]
+    evaluate(run_dir, progress=False, limit=16, seed=7, record_as="reuse-check")
+    file = run_dir / "predictions" / "arc-easy_test_reuse-check.safetensors"
+    probs, labels = _saved(run_dir, "arc-easy/test/reuse-check")
+    planted = probs.roll(1, dims=0)  # valid distributions, no longer this run's predictions
+    assert not torch.allclose(planted, probs)
+    atomic_save_tensors(file, {"probs": planted, "labels": labels})
+    tempered = evaluate(run_dir, progress=False, limit=16, seed=7, temperature="validation")
+    table = json.loads((run_dir / "metrics.json").read_text())
+    T = table["arc-easy/test/evaluate-n3-seed7-Tval"]["temperature"]
+    ref = compute_metrics(temper(planted, T), labels)
+    assert abs(tempered.nll - ref.nll) <= 1e-6 and tempered.accuracy == ref.accuracy
+    # other draws (another seed) were never recorded: predicted afresh, not the planted ones
+    other = evaluate(run_dir, progress=False, limit=16, seed=8, temperature="validation")
+    fresh, _ = _saved(run_dir, "arc-easy/test/evaluate-n3-seed8-Tval")
+    T8 = json.loads((run_dir / "metrics.json").read_text())["arc-easy/test/evaluate-n3-seed8-Tval"]["temperature"]
+    assert other.n == 16 and not torch.allclose(fresh, temper(planted, T8).float(), atol=1e-4)
 
 
 def test_ensemble_averages_the_members_predictions(runs, tmp_path):
