@@ -74,7 +74,9 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
 
     :param temperature: ``"validation"`` fits ``T`` (:func:`~pyro_llm.evaluation.fit_temperature_to_probs`)
         on the run's own task's validation split (a seeded subset of ``validation_limit`` examples, or
-        all of it), a number fixes it; the predictive is then ``p^(1/T)``.
+        all of it), a number fixes it; the predictive is then ``p^(1/T)``, applied to the predictions an
+        earlier evaluation recorded with the same draws on the same examples when there are some
+        (:func:`~pyro_llm.runs.common.recorded_predictions`; training records its own), else to new ones.
 
     Every random draw comes from ``seed`` (default: the run's), so a repeated call gives the same
     numbers. The result is recorded in ``metrics.json`` under ``<task>/<split>/evaluate-<options>``,
