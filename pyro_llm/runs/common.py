@@ -173,8 +173,9 @@ def recorded_predictions(run_dir: Path, task: TaskSpec, split: str, facts: dict[
     path = run_dir / "metrics.json"
     if not path.is_file():
         return None
+    prefix = f"{task.name}/{split}"  # a task read from a file may have "/" in its name
     for key, entry in read_json(path, "metrics").items():
-        if (key.split("/")[:2] == [task.name, split] and "temperature" not in entry and "limit" in entry
+        if ((key == prefix or key.startswith(prefix + "/")) and "temperature" not in entry and "limit" in entry
                 and entry["limit"] == limit and all(entry.get(k) == v for k, v in facts.items())):
             file = run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors"
             if file.is_file():
