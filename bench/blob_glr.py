@@ -25,13 +25,8 @@ import torch
 
 from bench.study import CONFIGS, run_config
 from pyro_llm.evaluation import compute_metrics, paired_bootstrap
-from pyro_llm.io import atomic_write_json, load_tensors
-from pyro_llm.runs import evaluate, train
-
-
-def _probs(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = load_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors")
-    return t["probs"], t["labels"]
+from pyro_llm.io import atomic_write_json
+from pyro_llm.runs import evaluate, load_predictions, train
 
 
 def cell(g_lr: float, seed: int, run_dir: Path) -> None:
@@ -67,12 +62,12 @@ def main() -> None:
         if any(c.wait() for c in children):
             raise SystemExit(f"a cell of g_lr {g} failed")
     study = Path(args.study_runs) / "sst2"
-    maps = [_probs(study / f"seed{s}" / "map", "sst2/test") for s in args.seeds]
+    maps = [load_predictions(study / f"seed{s}" / "map", "sst2/test") for s in args.seeds]
     map_probs, labels = torch.cat([p for p, _ in maps]), torch.cat([y for _, y in maps])
     report: dict[str, Any] = {"map": compute_metrics(map_probs, labels).as_dict()}
     for g in args.g_lr:
         runs = [root / f"g{g:g}" / f"seed{s}" for s in args.seeds]
-        test = [_probs(r, "sst2/test") for r in runs]
+        test = [load_predictions(r, "sst2/test") for r in runs]
         probs = torch.cat([p for p, _ in test])
         if not torch.equal(torch.cat([y for _, y in test]), labels):
             raise SystemExit("the BLoB runs and the study's MAPs saw other test examples")

@@ -37,10 +37,10 @@ import torch
 
 from pyro_llm.evaluation import compute_metrics, paired_bootstrap, plot_reliability
 from pyro_llm.infer import OptimConfig
-from pyro_llm.io import atomic_write_json, load_tensors
+from pyro_llm.io import atomic_write_json
 from pyro_llm.models import LoRAOptions
 from pyro_llm.runs import (DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, RunConfig, evaluate,
-                           evaluate_ensemble, laplace, train)
+                           evaluate_ensemble, laplace, load_predictions, train)
 
 IN_DIST = ["arc-easy", "openbookqa", "boolq", "winogrande"]
 ENCODER_TASKS = ["sst2", "rte", "mrpc", "boolq-cls"]
@@ -88,11 +88,6 @@ def run_config(c: dict[str, Any], task: str, seed: int, guide: str = "map", lora
                                        **({"g_lr": c["g_lr"]} if "g_lr" in c else {})))
 
 
-def _predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = load_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors")
-    return t["probs"], t["labels"]
-
-
 def _metrics(run_dir: Path) -> dict[str, Any]:
     """The run's ``metrics.json``: every evaluation it has recorded, by key."""
     return json.loads((run_dir / "metrics.json").read_text())
@@ -105,10 +100,10 @@ def _scored(run_dir: Path, task: str, tag: str, limit: int | None, **options: An
     key = f"{task}/test/{tag}"
     table = _metrics(run_dir)
     if not options and f"{task}/test" in table and key not in table:
-        return _predictions(run_dir, f"{task}/test")
+        return load_predictions(run_dir, f"{task}/test")
     if key not in table:
         evaluate(run_dir, task, limit=limit, progress=False, record_as=tag, **options)
-    return _predictions(run_dir, key)
+    return load_predictions(run_dir, key)
 
 
 def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -7,7 +7,8 @@ Modules: :mod:`.config` (RunConfig and its sections, LaplaceConfig, presets), :m
 scoring), :mod:`.svi`, :mod:`.laplace`, :mod:`.zero_shot`, :mod:`.load` (any saved run).
 """
 
-from .common import LoadedRun, build_for, load_split, read_config, record_metrics, retarget_head, run_config_of
+from .common import (LoadedRun, build_for, load_predictions, load_split, read_config, record_metrics, retarget_head,
+                     run_config_of)
 from .config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
                      PriorConfig, RunConfig)
 from .folder import RunDirExistsError, RunFolder, is_run
@@ -21,7 +22,7 @@ __all__ = [
     "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
     "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
     "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_ensemble", "evaluate_loaded",
-    "is_run", "laplace", "load_laplace_run", "load_run", "load_split", "load_svi_run", "load_zero_shot_run",
-    "make_guide", "predictor", "read_config", "record_metrics", "resolve_adapter", "retarget_head", "run_config_of",
+    "is_run", "laplace", "load_laplace_run", "load_predictions", "load_run", "load_split", "load_svi_run",
+    "load_zero_shot_run", "make_guide", "predictor", "read_config", "record_metrics", "resolve_adapter", "retarget_head", "run_config_of",
     "svi_predictor", "train", "zero_shot",
 ]

@@ -36,8 +36,8 @@ from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, load_
 from ..models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, build_model, resolve_device
 from .config import RunConfig
 
-__all__ = ["LoadedRun", "build_for", "init_distributed", "load_split", "model_name_for", "read_config",
-           "rebuild", "record_metrics", "recorded_predictions", "retarget_head", "run_config_of", "score", "write_config"]
+__all__ = ["LoadedRun", "build_for", "evaluation_limit", "init_distributed", "load_predictions", "load_split",
+           "model_name_for", "read_config", "rebuild", "record_metrics", "recorded_predictions", "retarget_head", "run_config_of", "score", "write_config"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tenso
     table = read_json(path, "metrics") if path.is_file() else {}
     table[key] = {**metrics.as_dict(), **(extra or {})}
     atomic_write_json(path, table)
-    atomic_save_tensors(run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors",
-                        {"probs": probs.float(), "labels": labels})
+    atomic_save_tensors(_predictions_file(run_dir, key), {"probs": probs.float(), "labels": labels})
     plot_reliability({key: (probs, labels)}, run_dir / f"reliability_{key.replace('/', '_')}.png",
                      n_bins=metrics.ece_bins, title=key)
 
@@ -148,6 +147,21 @@ def retarget_head(run: LoadedRun, task: TaskSpec) -> None:
     run.model.head = AnswerTokenHead(answer_token_ids(run.tokenizer, answer_strings(task.num_classes)))
 
 
+def _predictions_file(run_dir: Path, key: str) -> Path:
+    return run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors"
+
+
+def load_predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, labels)`` that :func:`record_metrics` saved under ``key`` (``<task>/<split>[/<tag>]``)."""
+    saved = load_tensors(_predictions_file(run_dir, key))
+    return saved["probs"], saved["labels"]
+
+
+def evaluation_limit(cfg: RunConfig, limit: int | None) -> int | None:
+    """The examples an evaluation reads: ``limit``, or the run's test limit when none is given."""
+    return limit if limit is not None else cfg.data.test_limit
+
+
 def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any, suffix: str = "",
           extra: dict[str, Any] | None = None) -> tuple[Metrics, torch.Tensor]:
     """The evaluation every run kind shares: point the head at ``task``, read ``split``, predict
@@ -155,7 +169,7 @@ def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any,
     under ``<task>/<split><suffix>``."""
     cfg = run.config
     retarget_head(run, task)
-    limit = limit if limit is not None else cfg.data.test_limit
+    limit = evaluation_limit(cfg, limit)
     data = load_split(cfg, task, split, run.tokenizer, limit)
     probs = predict(data)
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.eval.ece_bins)
@@ -177,10 +191,8 @@ def recorded_predictions(run_dir: Path, task: TaskSpec, split: str, facts: dict[
     for key, entry in read_json(path, "metrics").items():
         if ((key == prefix or key.startswith(prefix + "/")) and "temperature" not in entry and "limit" in entry
                 and entry["limit"] == limit and all(entry.get(k) == v for k, v in facts.items())):
-            file = run_dir / "predictions" / f"{key.replace('/', '_')}.safetensors"
-            if file.is_file():
-                saved = load_tensors(file)
-                return saved["probs"], saved["labels"]
+            if _predictions_file(run_dir, key).is_file():
+                return load_predictions(run_dir, key)
     return None
 
 

@@ -13,7 +13,7 @@ from ..checks import check_int, check_real
 from ..data import EncodedDataset, TaskSpec, get_task
 from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, temper
 from ..io import atomic_write_json
-from .common import LoadedRun, load_split, read_config, recorded_predictions, retarget_head, score
+from .common import LoadedRun, evaluation_limit, load_split, read_config, recorded_predictions, retarget_head, score
 from .laplace import LaplaceRun, load_laplace_run
 from .svi import load_svi_run, svi_predictor
 from .zero_shot import load_zero_shot_run
@@ -93,8 +93,7 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
     if temperature is not None:
         T = _temperature(run, predict, temperature, validation_limit)
         # the same draws on the same examples, already recorded (e.g. at the end of training), are reused
-        recorded = recorded_predictions(run.run_dir, spec, split, facts,
-                                        limit if limit is not None else run.config.data.test_limit)
+        recorded = recorded_predictions(run.run_dir, spec, split, facts, evaluation_limit(run.config, limit))
         untempered = predict
 
         def predict(data: EncodedDataset) -> torch.Tensor:
