@@ -19,11 +19,12 @@ Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyro
 import torch
@@ -36,7 +37,7 @@ from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, load_
 from ..models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, build_model, resolve_device
 from .config import RunConfig
 
-__all__ = ["LoadedRun", "build_for", "evaluation_limit", "init_distributed", "load_predictions", "load_split",
+__all__ = ["LoadedRun", "build_for", "evaluation_limit", "load_predictions", "load_split", "process_group",
            "model_name_for", "read_config", "rebuild", "record_metrics", "recorded_predictions", "retarget_head", "run_config_of", "score", "write_config"]
 
 log = logging.getLogger(__name__)
@@ -80,19 +81,30 @@ def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tenso
                      n_bins=metrics.ece_bins, title=key)
 
 
-def init_distributed(cfg: RunConfig) -> int:
+@contextlib.contextmanager
+def process_group(cfg: RunConfig) -> Iterator[int]:
     """Join the process group when launched by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1):
-    NCCL with one GPU per local rank, or gloo on CPU. Returns this process's rank (0 when alone)."""
+    NCCL with one GPU per local rank, or gloo on CPU. Yields this process's rank (0 when alone).
+
+    A group joined here is destroyed on leaving, on every rank: a process that exits holding a live
+    gloo group can abort in its destructor ("terminate called without an active exception"), which
+    fails the whole torchrun job after a complete run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    if not dist.is_initialized():
+        yield 0
+        return
+    joined = not dist.is_initialized()
+    if joined:
         use_cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             cfg.model.device = f"cuda:{local}"
-    return dist.get_rank()
+    try:
+        yield dist.get_rank()
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..guides import scale_summary, write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
 from ..models import lora_dropout_active
-from .common import LoadedRun, build_for, init_distributed, load_split, rebuild, run_config_of, score, write_config
+from .common import LoadedRun, build_for, load_split, process_group, rebuild, run_config_of, score, write_config
 from .config import RunConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
@@ -31,9 +31,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
 
     The folder, the model and the data are all checked before anything is written (see
     :class:`~.folder.RunFolder` for what ``overwrite`` and ``resume`` may replace)."""
-    run_dir = Path(run_dir)
+    with process_group(cfg) as rank:
+        return _train(cfg, Path(run_dir), rank, overwrite=overwrite, resume=resume, progress=progress, cache=cache,
+                      evaluate_after=evaluate_after)
+
+
+def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume: bool, progress: bool,
+           cache: str | None, evaluate_after: bool) -> dict[str, Any]:
     task = get_task(cfg.task)
-    rank = init_distributed(cfg)
     folder = RunFolder(run_dir, overwrite=overwrite, resume=resume, inputs=(cfg.model.name, cfg.task))
     if resume and not folder.restart:
         saved = run_config_of(run_dir)
