@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,8 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted; {kw['out']} keeps its last checkpoint: continue with the same "
                                    "command and --resume") from None
+    if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: rank 0 reports
+        return
     _print_metrics(metrics)
     click.echo(f"run saved to {kw['out']}")
 
