@@ -295,7 +295,8 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
                                      leave=False)):
             batch = data.batch(idx, device)
             # the row weights once per batch, not once per site hook (120 of them for SmolLM2)
-            mask = batch["attention_mask"].float()[:, None, :]
+            # (a cloze batch's [examples, choices, length] is the transformer's rows of [length])
+            mask = batch["attention_mask"].reshape(-1, batch["attention_mask"].shape[-1]).float()[:, None, :]
             state.update(mask=mask, mean=mask / mask.sum(2, keepdim=True).clamp_min(1), first_batch=i == 0, inputs=[])
             with torch.enable_grad():
                 logits = model.logits_at(batch, {k: v.detach().requires_grad_(True) for k, v in values.items()})

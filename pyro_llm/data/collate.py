@@ -17,7 +17,9 @@ __all__ = ["EncodedDataset", "encode_examples", "in_row_order"]
 class EncodedDataset:
     """Padded token tensors of a whole split (right padding) plus labels and choice masks.
 
-    ``choice_mask[i, c]`` is True for the answer classes example ``i`` actually has.
+    ``choice_mask[i, c]`` is True for the answer classes example ``i`` actually has. Cloze tasks
+    hold a row per choice: tokens ``[examples, choices, length]``, with ``token_type_ids`` 1 on
+    each row's choice tokens (see :func:`encode_examples`).
     """
 
     input_ids: torch.Tensor
@@ -28,7 +30,8 @@ class EncodedDataset:
 
     def __post_init__(self) -> None:
         # row lengths as Python ints, once: trimming a batch then reads no tensor (no host sync)
-        self._lengths: list[int] = self.attention_mask.sum(1).tolist()
+        lengths = self.attention_mask.sum(-1)
+        self._lengths: list[int] = (lengths.amax(-1) if lengths.dim() > 1 else lengths).tolist()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -38,14 +41,14 @@ class EncodedDataset:
         mask = self.attention_mask[index]
         width = max((self._lengths[i] for i in index.tolist()), default=0)
         out = {
-            "input_ids": self.input_ids[index, :width],
-            "attention_mask": mask[:, :width],
+            "input_ids": self.input_ids[index, ..., :width],
+            "attention_mask": mask[..., :width],
             "labels": self.labels[index],
             "choice_mask": self.choice_mask[index],
             "index": index,
         }
         if self.token_type_ids is not None:
-            out["token_type_ids"] = self.token_type_ids[index, :width]
+            out["token_type_ids"] = self.token_type_ids[index, ..., :width]
         return {k: v.to(device) if device is not None else v for k, v in out.items()}
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
@@ -95,6 +98,8 @@ def encode_examples(
     they keep their final ``Answer:``."""
     if not examples:
         raise ValueError("no examples to encode")
+    if any(e.choices for e in examples):
+        return _encode_cloze(examples, tokenizer, num_classes, max_length)
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples]
     kwargs = dict(padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
@@ -106,3 +111,38 @@ def encode_examples(
     choices = torch.tensor([e.num_choices for e in examples])
     choice_mask = torch.arange(num_classes)[None, :] < choices[:, None]
     return EncodedDataset(enc["input_ids"], enc["attention_mask"], labels, choice_mask, enc.get("token_type_ids"))
+
+
+def _encode_cloze(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, num_classes: int,
+                  max_length: int) -> EncodedDataset:
+    """A row per choice: the context's tokens (cut from the left to fit ``max_length``) then the
+    choice's, which ``token_type_ids`` marks with 1; rows of absent choices are one context token."""
+    if not all(e.choices for e in examples):
+        raise ValueError("cloze examples (with choices) cannot be encoded with examples without them")
+    if any(len(e.choices) > num_classes for e in examples):
+        raise ValueError(f"an example has more than the task's {num_classes} choices")
+    contexts = tokenizer([e.text for e in examples])["input_ids"]
+    rows: list[list[tuple[list[int], int]]] = []
+    for ex, ctx in zip(examples, contexts):
+        chosen = tokenizer(list(ex.choices), add_special_tokens=False)["input_ids"]
+        per_choice = []
+        for cont in chosen:
+            cont = cont[:max_length - 1]
+            keep = ctx[len(ctx) - (max_length - len(cont)):] if len(ctx) + len(cont) > max_length else ctx
+            per_choice.append((keep + cont, len(keep)))
+        per_choice += [(ctx[:1], 1)] * (num_classes - len(per_choice))
+        rows.append(per_choice)
+    width = max(len(ids) for r in rows for ids, _ in r)
+    shape = (len(examples), num_classes, width)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full(shape, pad, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    segment = torch.zeros(shape, dtype=torch.long)
+    for i, r in enumerate(rows):
+        for c, (ids, start) in enumerate(r):
+            input_ids[i, c, :len(ids)] = torch.tensor(ids)
+            attention[i, c, :len(ids)] = 1
+            segment[i, c, start:len(ids)] = 1
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    choice_mask = torch.arange(num_classes)[None, :] < torch.tensor([e.num_choices for e in examples])[:, None]
+    return EncodedDataset(input_ids, attention, labels, choice_mask, segment)

@@ -16,7 +16,9 @@ class Example:
     For multiple-choice tasks ``text`` is the whole prompt ending in ``Answer:`` and ``label`` is
     the index of the correct letter; ``num_choices`` may be below the task's class count (some
     ARC questions have 3 choices), the missing letters are masked out of the likelihood. For
-    encoder classification ``text``/``text_pair`` are the two input segments.
+    encoder classification ``text``/``text_pair`` are the two input segments. For cloze tasks
+    (choices scored by their likelihood) ``text`` is the context and ``choices`` the continuations,
+    each starting with its separating space.
     """
 
     text: str
@@ -24,3 +26,4 @@ class Example:
     num_choices: int
     text_pair: str | None = None
     uid: str = ""
+    choices: tuple[str, ...] = ()

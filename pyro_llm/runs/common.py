@@ -31,10 +31,9 @@ import torch
 from torch import distributed as dist
 
 from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
-from ..data.prompts import answer_strings
 from ..evaluation import Metrics, compute_metrics, plot_reliability
 from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from ..models import AnswerTokenHead, BayesianLoRAModel, answer_token_ids, build_model, resolve_device
+from ..models import BayesianLoRAModel, build_model, head_for, resolve_device
 from .config import RunConfig
 
 __all__ = ["LoadedRun", "build_for", "evaluation_limit", "load_predictions", "load_split", "process_group",
@@ -149,14 +148,13 @@ def rebuild(run_dir: Path, device: str | None, cache: str | None) -> tuple[RunCo
 
 def retarget_head(run: LoadedRun, task: TaskSpec) -> None:
     """Point a loaded run's head at ``task`` (out-of-distribution evaluation): the answer-token
-    head of a causal LM takes the task's number of letters; a classifier must match its classes."""
-    if (task.kind == CLASSIFICATION) != (run.task.kind == CLASSIFICATION):
+    head of a causal LM takes the task's number of letters, a cloze head any number of choices;
+    a classifier must match its classes. The task must be of the run's kind."""
+    if task.kind != run.task.kind:
         raise ValueError(f"run {run.run_dir} was trained on a {run.task.kind} task; {task.name} is {task.kind}")
-    if task.kind == CLASSIFICATION:
-        if task.num_classes != run.task.num_classes:
-            raise ValueError(f"{task.name} has {task.num_classes} classes; the run's classifier has {run.task.num_classes}")
-        return
-    run.model.head = AnswerTokenHead(answer_token_ids(run.tokenizer, answer_strings(task.num_classes)))
+    if task.kind == CLASSIFICATION and task.num_classes != run.task.num_classes:
+        raise ValueError(f"{task.name} has {task.num_classes} classes; the run's classifier has {run.task.num_classes}")
+    run.model.head = head_for(task, run.tokenizer)
 
 
 def _predictions_file(run_dir: Path, key: str) -> Path:

@@ -1,0 +1,110 @@
+"""Cloze multiple choice: each choice's log-likelihood after the context is its class logit.
+
+The head is checked against each choice scored alone by the plain transformers model (no padding,
+no batching, full vocabulary logits); the encoding against the tokenizer; K-FAC on the
+``[examples, choices, length]`` batches against factors gathered by hand from the layer inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pyro_llm.cli import cli
+from pyro_llm.curvature import KFACConfig, fit_kfac
+from pyro_llm.data import CLOZE, Example, encode_examples, get_task, load_examples
+from pyro_llm.models import ChoiceLikelihoodHead, build_model
+
+
+def _scored_alone(lm, tok, context: str, choice: str) -> float:
+    ctx = tok(context)["input_ids"]
+    cont = tok(choice, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = lm(torch.tensor([ctx + cont])).logits.double().log_softmax(-1)[0]
+    return float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+
+
+def test_each_choice_logit_is_its_log_likelihood_scored_alone(tiny_llama):
+    task = get_task("arc-easy-cloze")
+    assert task.kind == CLOZE
+    examples = load_examples(task, "test", limit=6)
+    model, tok = build_model(str(tiny_llama), task)
+    assert isinstance(model.head, ChoiceLikelihoodHead)
+    with torch.no_grad():  # a trained-looking adapter: B != 0, so the LoRA path counts
+        for s in model.sites:
+            s.layer.lora_B[model.adapter].weight.normal_(0, 0.2)
+    data = encode_examples(examples, tok, task.num_classes, max_length=512)
+    assert data.input_ids.dim() == 3 and data.input_ids.shape[1] == task.num_classes
+    with torch.no_grad():
+        logits = model.logits_at(data.batch(torch.arange(len(data))))
+    assert logits.shape == (6, task.num_classes)
+    for i, ex in enumerate(examples):
+        expected = torch.tensor([_scored_alone(model.peft_model, tok, ex.text, c) for c in ex.choices], dtype=torch.float64)
+        torch.testing.assert_close(logits[i, :ex.num_choices].double(), expected, rtol=1e-4, atol=1e-4)
+        assert (logits[i, ex.num_choices:] < -1e8).all()  # absent choices are masked, not scored
+    # the LoRA weights do enter: the plain base model scores differently
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plain = _scored_alone(base, tok, examples[0].text, examples[0].choices[0])
+    assert abs(plain - float(logits[0, 0])) > 1e-3
+
+
+def test_the_context_is_cut_from_the_left_and_the_choice_kept_whole(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    words = list(tok.get_vocab())[10:40]
+    context, choices = " ".join(words[:20]), (" " + " ".join(words[20:23]), " " + words[23])
+    data = encode_examples([Example(context, 1, 2, choices=choices)], tok, num_classes=3, max_length=8)
+    ctx_ids = tok(context)["input_ids"]
+    for c, choice in enumerate(choices):
+        cont = tok(choice, add_special_tokens=False)["input_ids"]
+        n = int(data.attention_mask[0, c].sum())
+        row, seg = data.input_ids[0, c, :n].tolist(), data.token_type_ids[0, c, :n].tolist()
+        assert n == 8 and row[-len(cont):] == cont and row[:-len(cont)] == ctx_ids[-(8 - len(cont)):]
+        assert seg == [0] * (8 - len(cont)) + [1] * len(cont)
+    assert data.choice_mask.tolist() == [[True, True, False]] and data.token_type_ids[0, 2].sum() == 0
+    with pytest.raises(ValueError, match="cannot be encoded with examples without"):
+        encode_examples([Example(context, 0, 2, choices=choices), Example(context, 0, 2)], tok, 3)
+
+
+def test_kfac_input_factor_of_cloze_batches_leaves_out_padding(tiny_llama):
+    task = get_task("arc-easy-cloze")
+    model, tok = build_model(str(tiny_llama), task)
+    data = encode_examples(load_examples(task, "train", limit=5), tok, task.num_classes, max_length=512)
+    assert (data.attention_mask.sum(-1) < data.attention_mask.shape[-1]).any()  # there is padding to leave out
+    site = model.sites[0]
+    seen: list[torch.Tensor] = []
+    handle = site.module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))
+    cfg = KFACConfig(fisher="empirical", mode="reduce", n_kfac=10_000, batch_size=2)
+    try:
+        factors = fit_kfac(model, data, cfg, progress=False)
+    finally:
+        handle.remove()
+    # by hand: each transformer row (one choice of one example) is the mean of its real positions
+    rows = []
+    for idx, x in zip(data.by_length(cfg.batch_size), seen):
+        mask = data.batch(idx)["attention_mask"].reshape(x.shape[0], -1).double()
+        rows.append((mask[:, :, None] * x).sum(1) / mask.sum(1, keepdim=True))
+    rows = torch.cat(rows)
+    assert rows.shape[0] == len(data) * task.num_classes
+    _, A = factors.factors[site.name]
+    torch.testing.assert_close(A.to_matrix(), rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-7)
+
+
+def test_cloze_runs_train_fit_laplace_and_evaluate_on_a_shifted_cloze_task(tiny_llama, tmp_path):
+    runner = CliRunner()
+    common = ["--task", "arc-easy-cloze", "--train-limit", "12", "--test-limit", "8", "--max-length", "96"]
+    res = runner.invoke(cli, ["svi-train", "--model", str(tiny_llama), "--guide", "blob", "--steps", "3", "--lr",
+                              "1e-2", "--eval-samples", "3", "--out", str(tmp_path / "blob"), *common],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["svi-train", "--model", str(tiny_llama), "--guide", "map", "--steps", "3", "--lr",
+                              "1e-2", "--out", str(tmp_path / "map"), *common], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["laplace", "--adapter", str(tmp_path / "map"), "--out", str(tmp_path / "la"), *common],
+                        catch_exceptions=False)
+    assert res.exit_code == 0 and "arc-easy-cloze/test" in res.output, res.output
+    res = runner.invoke(cli, ["evaluate", str(tmp_path / "la"), "--task", "openbookqa-cloze", "--limit", "6"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0 and "openbookqa-cloze/test" in res.output, res.output
+    res = runner.invoke(cli, ["evaluate", str(tmp_path / "blob"), "--task", "arc-easy", "--limit", "6"])
+    assert res.exit_code != 0 and "cloze task" in res.output
