@@ -62,6 +62,14 @@ class ChoiceLikelihoodHead:
     choice tokens with 1 (segment B, the continuation scored) and its context with 0. Only the
     positions predicting a choice token go through the output layer."""
 
+    #: positions whose vocabulary logits are formed at once
+    chunk = 1024
+
+    @staticmethod
+    def _token_logp(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(states).float()
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_type_ids is None or input_ids.dim() != 3:
@@ -75,9 +83,12 @@ class ChoiceLikelihoodHead:
         # position p predicts token p + 1: keep the positions whose next token is a choice token
         scored = (token_type_ids.reshape(b * k, t)[:, 1:] * attention_mask.reshape(b * k, t)[:, 1:]).bool()
         rows = scored.nonzero()[:, 0]
-        logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
-        targets = input_ids.reshape(b * k, t)[:, 1:][scored]
-        token_lp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        states, targets = hidden[:, :-1][scored], input_ids.reshape(b * k, t)[:, 1:][scored]
+        head = base.get_output_embeddings()
+        # vocabulary logits a chunk of positions at a time: at prediction (no graph kept) memory is
+        # one chunk's, not every choice token's of a stacked N-sample batch
+        token_lp = torch.cat([self._token_logp(head, states[i:i + self.chunk], targets[i:i + self.chunk])
+                              for i in range(0, max(states.shape[0], 1), self.chunk)])
         sums = torch.zeros(b * k, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
         return sums.reshape(b, k)
 
