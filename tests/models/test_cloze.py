@@ -41,7 +41,8 @@ def test_each_choice_logit_is_its_log_likelihood_scored_alone(tiny_llama):
         logits = model.logits_at(data.batch(torch.arange(len(data))))
     assert logits.shape == (6, task.num_classes)
     for i, ex in enumerate(examples):
-        expected = torch.tensor([_scored_alone(model.peft_model, tok, ex.text, c) for c in ex.choices], dtype=torch.float64)
+        expected = torch.tensor([_scored_alone(model.peft_model, tok, ex.text, c) for c in ex.choices],
+                                dtype=torch.float64)
         torch.testing.assert_close(logits[i, :ex.num_choices].double(), expected, rtol=1e-4, atol=1e-4)
         assert (logits[i, ex.num_choices:] < -1e8).all()  # absent choices are masked, not scored
     # the LoRA weights do enter: the plain base model scores differently
@@ -109,3 +110,21 @@ def test_cloze_runs_train_fit_laplace_and_evaluate_on_a_shifted_cloze_task(tiny_
     assert res.exit_code == 0 and "openbookqa-cloze/test" in res.output, res.output
     res = runner.invoke(cli, ["evaluate", str(tmp_path / "blob"), "--task", "arc-easy", "--limit", "6"])
     assert res.exit_code != 0 and "cloze task" in res.output
+
+
+def test_every_cloze_task_reads_choices_and_labels_consistently():
+    from pyro_llm.data import TASKS
+
+    cloze = [t for t in TASKS.values() if t.kind == CLOZE]
+    assert {"piqa-cloze", "hellaswag-cloze", "boolq-cloze", "social-iqa-cloze"} <= {t.name for t in cloze}
+    for task in cloze:
+        examples = load_examples(task, "train", limit=40)
+        assert examples, task.name
+        for ex in examples:
+            assert ex.num_choices == len(ex.choices) <= task.num_classes and 0 <= ex.label < ex.num_choices
+            assert all(c.startswith(" ") and c.strip() for c in ex.choices) and ex.text.endswith("Answer:") or \
+                task.name == "hellaswag-cloze"
+    # the cloze twin reads the same pool as the lettered task: the same share of "yes" answers
+    yes = [sum(e.label == 0 for split in ("train", "validation", "test") for e in load_examples(name, split))
+           for name in ("boolq", "boolq-cloze")]
+    assert yes[0] == yes[1]
