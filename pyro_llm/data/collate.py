@@ -40,15 +40,17 @@ class EncodedDataset:
         """The model's keyword arguments for the rows ``index`` (trimmed to their longest row)."""
         mask = self.attention_mask[index]
         width = max((self._lengths[i] for i in index.tolist()), default=0)
+        # the length is the attention mask's last dimension (after the choices of a cloze batch)
+        trim = (index, *[slice(None)] * (self.attention_mask.dim() - 2), slice(0, width))
         out = {
-            "input_ids": self.input_ids[index, ..., :width],
+            "input_ids": self.input_ids[trim],
             "attention_mask": mask[..., :width],
             "labels": self.labels[index],
             "choice_mask": self.choice_mask[index],
             "index": index,
         }
         if self.token_type_ids is not None:
-            out["token_type_ids"] = self.token_type_ids[index, ..., :width]
+            out["token_type_ids"] = self.token_type_ids[trim]
         return {k: v.to(device) if device is not None else v for k, v in out.items()}
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
