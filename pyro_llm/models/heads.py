@@ -76,14 +76,14 @@ class ChoiceLikelihoodHead:
             raise ValueError("the choice-likelihood head needs [batch, choices, length] inputs with token_type_ids "
                              "marking each choice's tokens (encode a cloze task's examples)")
         b, k, t = input_ids.shape
+        ids, mask = input_ids.reshape(b * k, t), attention_mask.reshape(b * k, t)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(input_ids=input_ids.reshape(b * k, t),
-                          attention_mask=attention_mask.reshape(b * k, t)).last_hidden_state
+        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         # position p predicts token p + 1: keep the positions whose next token is a choice token
-        scored = (token_type_ids.reshape(b * k, t)[:, 1:] * attention_mask.reshape(b * k, t)[:, 1:]).bool()
-        rows = scored.nonzero()[:, 0]
-        states, targets = hidden[:, :-1][scored], input_ids.reshape(b * k, t)[:, 1:][scored]
+        # (one nonzero, the forward's one host sync, gives rows and positions for both gathers)
+        rows, cols = (token_type_ids.reshape(b * k, t)[:, 1:] * mask[:, 1:]).nonzero(as_tuple=True)
+        states, targets = hidden[rows, cols], ids[rows, cols + 1]
         head = base.get_output_embeddings()
         # vocabulary logits a chunk of positions at a time: at prediction (no graph kept) memory is
         # one chunk's, not every choice token's of a stacked N-sample batch
