@@ -62,7 +62,14 @@ def atomic_save_tensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        cpu = {k: _own_storage(v.detach().to("cpu")) for k, v in tensors.items()}
+        cpu: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in tensors.items():
+            t = _own_storage(v.detach().to("cpu"))
+            if t.untyped_storage().data_ptr() in seen and t.numel():  # one tensor under two names
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            cpu[k] = t
         save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)
         os.replace(tmp, path)
     finally:

@@ -220,6 +220,27 @@ def test_guide_works_with_pyro_predictive_and_saves(laplace_model, tmp_path):
         torch.testing.assert_close(again.blocks[n].A.eigvecs, guide.blocks[n].A.eigvecs)
 
 
+def test_guide_saves_a_factor_two_sites_share(laplace_model, tmp_path):
+    """q_proj's and v_proj's A share one input factor; when its tensors own their storage (the
+    streamed decomposition of SmolLM2's d = 576 factors) safetensors refuses the aliased names
+    unless the save copies the second one."""
+    from dataclasses import replace
+
+    model, data = laplace_model
+    guide = fit_laplace(model, data, KFACConfig(n_kfac=3), progress=False).guide
+    q, v = (n for n in model.site_names if n.endswith("layers.0.self_attn.q_proj.lora_A")
+            or n.endswith("layers.0.self_attn.v_proj.lora_A"))
+    own = EigenFactor(guide.blocks[q].A.eigvals.clone(), guide.blocks[q].A.eigvecs.clone())
+    guide.blocks[q] = replace(guide.blocks[q], A=own)
+    guide.blocks[v] = replace(guide.blocks[v], A=own)
+    guide.save(tmp_path / "laplace.safetensors")
+    again = LaplaceGuide.load(model, tmp_path / "laplace.safetensors")
+    for n in (q, v):
+        torch.testing.assert_close(again.blocks[n].A.eigvecs, own.eigvecs, rtol=0, atol=0)
+        torch.testing.assert_close(again.blocks[n].A.eigvals, own.eigvals, rtol=0, atol=0)
+    assert own.eigvecs.untyped_storage().nbytes() == own.eigvecs.numel() * own.eigvecs.element_size()
+
+
 def test_probit_and_mc_predictives():
     mean = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float64)
     zero = torch.zeros(1, 3, 3, dtype=torch.float64)
