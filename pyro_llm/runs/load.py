@@ -13,7 +13,8 @@ from ..checks import check_int, check_real
 from ..data import EncodedDataset, TaskSpec, get_task
 from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, temper
 from ..io import atomic_write_json
-from .common import LoadedRun, evaluation_limit, load_split, read_config, recorded_predictions, retarget_head, score
+from .common import (LoadedRun, evaluation_limit, load_split, read_config, record_metrics, recorded_predictions,
+                     retarget_head, score)
 from .laplace import LaplaceRun, load_laplace_run
 from .svi import load_svi_run, svi_predictor
 from .zero_shot import load_zero_shot_run
@@ -54,15 +55,28 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
     return predict, f"n{n}-seed{seed}", {"samples": n, "seed": seed}
 
 
-def _temperature(run: Run, predict: Predict, temperature: str | float, limit: int | None) -> float:
-    """A fixed ``T``, or the one fitted on the run's own task's validation split."""
+def _temperature(run: Run, predict: Predict, temperature: str | float, limit: int | None, tag: str,
+                 facts: dict[str, Any]) -> float:
+    """A fixed ``T``, or the one fitted on the run's own task's validation split.
+
+    The validation predictions are recorded (``<task>/validation/evaluate-<tag>``) and reused by
+    the next tempered evaluation with the same draws and limit, e.g. on another test set: an
+    N-sample predictive over the validation split is made once per run, not once per evaluation.
+    ``T`` is fitted to the recorded (float32) probabilities, so a reuse gives the same ``T``."""
     if temperature != "validation":
         value = float(temperature)
         check_real("temperature", value, low=0, low_open=True)
         return value
     retarget_head(run, run.task)
-    val = load_split(run.config, run.task, "validation", run.tokenizer, limit)
-    return fit_temperature_to_probs(predict(val), val.labels)
+    recorded = recorded_predictions(run.run_dir, run.task, "validation", facts, limit)
+    if recorded is None:
+        val = load_split(run.config, run.task, "validation", run.tokenizer, limit)
+        probs = predict(val).float()
+        record_metrics(run.run_dir, f"{run.task.name}/validation/evaluate-{tag}",
+                       compute_metrics(probs, val.labels, n_bins=run.config.eval.ece_bins), probs, val.labels,
+                       {**facts, "limit": limit})
+        recorded = (probs, val.labels)
+    return fit_temperature_to_probs(*recorded)
 
 
 def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test", samples: int | None = None,
@@ -91,7 +105,7 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
     spec = get_task(task) if task else run.task
     predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
     if temperature is not None:
-        T = _temperature(run, predict, temperature, validation_limit)
+        T = _temperature(run, predict, temperature, validation_limit, tag, facts)
         # the same draws on the same examples, already recorded (e.g. at the end of training), are reused
         recorded = recorded_predictions(run.run_dir, spec, split, facts, evaluation_limit(run.config, limit))
         untempered = predict

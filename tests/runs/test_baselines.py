@@ -85,6 +85,26 @@ def test_tempered_evaluation_reuses_the_recorded_draws(runs):
     assert other.n == 16 and not torch.allclose(fresh, temper(planted, T8).float(), atol=1e-4)
 
 
+def test_tempered_evaluations_share_one_validation_pass(runs):
+    """The validation predictions a fitted temperature comes from are recorded and reused by the next
+    tempered evaluation with the same draws (here on another test set): planted validation
+    predictions must set the second evaluation's temperature."""
+    run_dir = runs["blob"]
+    evaluate(run_dir, progress=False, limit=16, seed=11, temperature="validation")
+    table = json.loads((run_dir / "metrics.json").read_text())
+    key = "arc-easy/validation/evaluate-n3-seed11"
+    T = table["arc-easy/test/evaluate-n3-seed11-Tval"]["temperature"]
+    probs, labels = _saved(run_dir, key)
+    assert table[key]["n"] == len(labels) and abs(fit_temperature_to_probs(probs, labels) - T) <= 1e-9 * T
+    planted = probs.roll(1, dims=0)
+    atomic_save_tensors(run_dir / "predictions" / "arc-easy_validation_evaluate-n3-seed11.safetensors",
+                        {"probs": planted, "labels": labels})
+    evaluate(run_dir, "openbookqa", progress=False, limit=8, seed=11, temperature="validation")
+    again = json.loads((run_dir / "metrics.json").read_text())["openbookqa/test/evaluate-n3-seed11-Tval"]
+    assert again["temperature"] == pytest.approx(fit_temperature_to_probs(planted, labels), rel=1e-9)
+    assert again["temperature"] != pytest.approx(T, rel=1e-3)
+
+
 def test_ensemble_averages_the_members_predictions(runs, tmp_path):
     members = [runs["map0"], runs["map1"]]
     probs = []
