@@ -252,6 +252,34 @@ def test_probit_and_mc_predictives():
     assert (probit_probs(mean, wide) - mc_probs(mean, wide, 20000, torch.Generator().manual_seed(0))).abs().max() < 0.1
 
 
+def test_probit_is_shift_invariant_and_binary_mackay():
+    """The exact predictive E[softmax(f)] ignores a common (even random) offset of the logits; so must
+    the probit: cloze logits are summed log-likelihoods of -40 to -110 nats. For two classes it is
+    MacKay's probit of the difference, sigmoid(d / sqrt(1 + pi/8 Var d)); a masked class (the
+    model's -1e9 logit, no variance) takes no mass from the others."""
+    from pyro_llm.models.model import MASKED_LOGIT
+
+    gen = torch.Generator().manual_seed(0)
+    L = torch.randn(6, 3, 3, generator=gen, dtype=torch.float64) * 2
+    cov, mean = L @ L.transpose(-1, -2), torch.randn(6, 3, generator=gen, dtype=torch.float64) * 3
+    ones = torch.ones(3, 3, dtype=torch.float64)
+    shifted = probit_probs(mean - 80.0, cov + 40.0 * ones)  # f - 80 + e with e ~ N(0, 40), common to all classes
+    torch.testing.assert_close(shifted, probit_probs(mean, cov), rtol=1e-12, atol=1e-12)
+    exact = mc_probs(mean, cov, 200000, torch.Generator().manual_seed(1))
+    assert (probit_probs(mean, cov) - exact).abs().max() < 0.1  # an approximation: 0.06 here at variances up to 26
+    two_mean, two_cov = mean[:, :2], cov[:, :2, :2]
+    d = two_mean[:, 0] - two_mean[:, 1]
+    var_d = two_cov[:, 0, 0] + two_cov[:, 1, 1] - 2 * two_cov[:, 0, 1]
+    p0 = torch.sigmoid(d / torch.sqrt(1 + math.pi / 8 * var_d))
+    torch.testing.assert_close(probit_probs(two_mean, two_cov)[:, 0], p0, rtol=1e-12, atol=1e-12)
+    padded_mean = torch.cat([two_mean, torch.full((6, 1), MASKED_LOGIT, dtype=torch.float64)], 1)
+    padded_cov = torch.zeros(6, 3, 3, dtype=torch.float64)
+    padded_cov[:, :2, :2] = two_cov
+    padded = probit_probs(padded_mean, padded_cov)
+    torch.testing.assert_close(padded[:, :2], probit_probs(two_mean, two_cov), rtol=1e-12, atol=1e-12)
+    assert (padded[:, 2] == 0).all()
+
+
 def test_accumulator_streams_exactly_when_rank_suffices():
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(30, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 8, generator=gen, dtype=torch.float64)
