@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", default=None, help="where the individual runs go (default: OUT/runs)")
     ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the paired differences")
     ap.add_argument("--skip-bench", action="store_true", help="leave out the cost benchmarks")
+    ap.add_argument("--no-ood", action="store_true", help="leave out the shifted test sets (in-distribution rows only)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds trained side by side, each a process with cores/jobs threads (on a 2-core CPU "
                          "3 one-thread processes finish sooner than one two-thread process)")
@@ -163,6 +164,8 @@ def main() -> None:
     for key in ("model", "device", "steps", "train_limit"):
         if getattr(args, key) is not None:
             c[key] = getattr(args, key)
+    if args.no_ood:
+        c["ood"] = {}
     if c["model"] is None:
         raise SystemExit("--model is required for this configuration")
     out = Path(args.out)
@@ -215,6 +218,8 @@ def _seeds_side_by_side(args: Any, runs_root: Path) -> None:
               if getattr(args, k) is not None]
     if args.tasks:
         passed += ["--tasks", *args.tasks]
+    if args.no_ood:
+        passed.append("--no-ood")
     pending, running = list(args.seeds), []
     while pending or running:
         while pending and len(running) < args.jobs:
