@@ -108,9 +108,8 @@ def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     covariance). For two classes it is MacKay's probit of the logit difference, and like the exact
     predictive it does not change when one (even random) offset is added to every logit. The
     per-class form ``softmax(mu / sqrt(1 + pi/8 diag Sigma))`` does change: it divides each logit's
-    offset too, so on logits with a large common offset (a cloze head's summed log-likelihoods,
-    -40 to -110 nats on PIQA) it reorders classes; on PIQA it cost 0.9 points of accuracy against the
-    MAP, and shifting every logit by -100 nats moved it from 65.5 % to 57.6 %."""
+    offset too, so on logits with a large common offset (a cloze head's summed log-likelihoods) it
+    reorders classes (docs/RESULTS.md section 1c)."""
     d = torch.diagonal(cov, dim1=-2, dim2=-1)
     var = (d[..., :, None] + d[..., None, :] - cov - cov.transpose(-1, -2)).clamp_min(0)  # Var(f_c - f_k)
     z = (mean[..., None, :] - mean[..., :, None]) / torch.sqrt(1 + math.pi / 8 * var)  # [.., c, k]: mu_k - mu_c

@@ -254,7 +254,7 @@ def test_probit_and_mc_predictives():
 
 def test_probit_is_shift_invariant_and_binary_mackay():
     """The exact predictive E[softmax(f)] ignores a common (even random) offset of the logits; so must
-    the probit: cloze logits are summed log-likelihoods of -40 to -110 nats. For two classes it is
+    the probit: cloze logits are summed log-likelihoods far below zero. For two classes it is
     MacKay's probit of the difference, sigmoid(d / sqrt(1 + pi/8 Var d)); a masked class (the
     model's -1e9 logit, no variance) takes no mass from the others."""
     from pyro_llm.models.model import MASKED_LOGIT
