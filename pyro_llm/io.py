@@ -62,26 +62,27 @@ def atomic_save_tensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        cpu: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for k, v in tensors.items():
-            t = _own_storage(v.detach().to("cpu"))
-            if t.untyped_storage().data_ptr() in seen and t.numel():  # one tensor under two names
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-            cpu[k] = t
-        save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)
+        save_file(_unshared(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a tensor that owns its whole storage (safetensors refuses views and shared memory,
-    e.g. factors that are slices of one batched decomposition, or one factor shared by two sites)."""
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, each owning its whole storage and sharing it with no other name:
+    safetensors refuses views and shared memory (factors that are slices of one batched
+    decomposition; one factor that two sites share, under both names), so those are copied."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        t = value.detach().to("cpu")
+        whole = (t.is_contiguous() and t.storage_offset() == 0
+                 and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+        if not whole or (t.numel() and t.untyped_storage().data_ptr() in seen):
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
