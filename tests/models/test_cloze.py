@@ -51,6 +51,56 @@ def test_each_choice_logit_is_its_log_likelihood_scored_alone(tiny_llama):
     assert abs(plain - float(logits[0, 0])) > 1e-3
 
 
+def _arc_and_one_word_contexts(tok, task, max_length):
+    words = [w.lstrip("Ġ") for w in list(tok.get_vocab())[200:260]]
+    one_word = [Example(words[i], 1, 2, choices=(" " + words[i + 1], " " + words[i + 2] + " x"))
+                for i in (0, 3)]  # nothing to share: the position before the first choice token is the context
+    examples = load_examples(task, "test", limit=6) + one_word
+    return encode_examples(examples, tok, task.num_classes, max_length=max_length)
+
+
+@pytest.mark.parametrize("max_length, saves", [(512, True), (40, False)])
+def test_choices_share_their_context_pass_at_prediction_and_score_as_whole_rows(tiny_llama, max_length, saves):
+    """Under no_grad the context is encoded once per question (a KV cache repeated for its choices);
+    the logits must equal the whole rows' (the path under a gradient), for S stacked weight samples,
+    absent choices (ARC has 3 to 5), one-word contexts that share nothing, and contexts cut from the
+    left (at max_length 40 a question's choices share nothing, and whole rows are no more tokens)."""
+    task = get_task("arc-easy-cloze")
+    model, tok = build_model(str(tiny_llama), task)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for s in model.sites:
+            s.layer.lora_B[model.adapter].weight.normal_(0, 0.2)
+    data = _arc_and_one_word_contexts(tok, task, max_length)
+    assert not data.choice_mask.all()  # absent choices are in the batch
+    samples = 3
+    batch = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in data.batch(torch.arange(len(data))).items()
+             if k in ("input_ids", "attention_mask", "choice_mask", "token_type_ids")}
+    values = {s.name: 0.3 * torch.randn(samples, *s.shape) for s in model.sites}
+    tokens: list[int] = []
+    hook = model.peft_model.get_input_embeddings().register_forward_hook(lambda m, i, o: tokens.append(i[0].numel()))
+    try:
+        with torch.no_grad():
+            shared = model.logits_at(batch, values)
+        shared_tokens, tokens[:] = sum(tokens), []
+        with torch.enable_grad():
+            whole = model.logits_at(batch, values).detach()
+        whole_tokens, tokens[:] = sum(tokens), []
+        model.head.share_context = False
+        with torch.no_grad():
+            model.logits_at(batch, values)
+        switched_off_tokens = sum(tokens)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(shared, whole, rtol=1e-4, atol=1e-4)
+    assert whole_tokens == batch["input_ids"].numel()
+    # the contexts ran once per question, not once per choice; never more tokens than whole rows
+    assert shared_tokens < 0.8 * whole_tokens if saves else shared_tokens == whole_tokens
+    assert switched_off_tokens == whole_tokens  # switched off, prediction runs whole rows
+    real = shared.view(samples, len(data), -1)[:, data.choice_mask]
+    assert (real[0] - real[1]).abs().min() > 1e-4  # each weight sample scores its own rows
+
+
 def test_the_context_is_cut_from_the_left_and_the_choice_kept_whole(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     words = list(tok.get_vocab())[10:40]
