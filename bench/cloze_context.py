@@ -28,7 +28,8 @@ CASES = [("hellaswag-cloze", 48), ("piqa-cloze", 96), ("social-iqa-cloze", 96), 
 
 
 def positions(data: EncodedDataset, batch_size: int) -> dict[str, int]:
-    """Token positions a pass computes with whole rows and with each question's context once."""
+    """Token positions a pass computes with whole rows and with each question's context once (in the
+    batches where the head shares it: those it leaves at most ``worth_sharing`` of their positions)."""
     whole = shared = 0
     for idx in data.by_length(batch_size):
         b = data.batch(idx)
@@ -36,7 +37,8 @@ def positions(data: EncodedDataset, batch_size: int) -> dict[str, int]:
         lengths = ChoiceLikelihoodHead._shared_context(b["input_ids"], b["attention_mask"], b["token_type_ids"])
         width = int((b["attention_mask"].sum(-1) - lengths[:, None]).max())
         whole += n * k * t
-        shared += min(n * (int(lengths.max()) + k * width), n * k * t)
+        split = n * (int(lengths.max()) + k * width)
+        shared += split if split <= ChoiceLikelihoodHead.worth_sharing * n * k * t else n * k * t
     return {"whole": whole, "shared": shared}
 
 
