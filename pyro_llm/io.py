@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 __all__ = [
     "CorruptFileError",
@@ -54,27 +54,45 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+#: safetensors metadata key of the names stored once for another (JSON ``{alias: stored name}``)
+ALIASES_KEY = "pyro_llm.aliases"
+
+
 def atomic_save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Save a flat name -> tensor mapping as safetensors, atomically."""
+    """Save a flat name -> tensor mapping as safetensors, atomically. A tensor given under several
+    names (one K-FAC factor that two sites share) is stored once, the other names recorded as
+    aliases in the metadata, which :func:`load_tensors` restores as one shared tensor."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    stored, aliases = _unshared(tensors)
+    meta = dict(metadata or {})
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     tmp = _tmp_sibling(path)
     try:
-        save_file(_unshared(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        save_file(stored, str(tmp), metadata=meta or None)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors on the CPU, each owning its whole storage and sharing it with no other name:
-    safetensors refuses views and shared memory (factors that are slices of one batched
-    decomposition; one factor that two sites share, under both names), so those are copied."""
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(stored, aliases)``: the tensors on the CPU, each owning its whole storage and sharing it
+    with no other name, as safetensors requires (factors that are slices of one batched
+    decomposition are copied), and the names whose tensor is exactly one stored earlier."""
     out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
     seen: set[int] = set()
     for name, value in tensors.items():
+        identity = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                    value.stride(), value.dtype)
+        if value.numel() and identity in first:
+            aliases[name] = first[identity]
+            continue
+        first[identity] = name
         t = value.detach().to("cpu")
         whole = (t.is_contiguous() and t.storage_offset() == 0
                  and t.untyped_storage().nbytes() == t.numel() * t.element_size())
@@ -82,18 +100,24 @@ def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             t = t.clone(memory_format=torch.contiguous_format)
         seen.add(t.untyped_storage().data_ptr())
         out[name] = t
-    return out
+    return out, aliases
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning any parse failure into :class:`CorruptFileError`."""
+    """Load a safetensors file (aliased names as one shared tensor), turning any parse failure into
+    :class:`CorruptFileError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+        for alias, name in aliases.items():
+            tensors[alias] = tensors[name]
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CorruptFileError(f"{path} is not a readable safetensors file ({err})") from err
+    return tensors
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:

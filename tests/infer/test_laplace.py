@@ -6,12 +6,15 @@ import pyro
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from pyro_llm.curvature import EigenFactor, FactorAccumulator, KFACConfig, KronBlock, fit_kfac
 from pyro_llm.data import EncodedDataset
 from pyro_llm.evaluation.glm import glm_logit_moments, mc_probs, probit_probs
 from pyro_llm.guides import LaplaceGuide
+from pyro_llm.io import ALIASES_KEY, CorruptFileError, load_tensors
 from pyro_llm.infer.laplace import fit_laplace, optimize_prior_precision
 from pyro_llm.models import BayesianLoRAModel
 
@@ -223,7 +226,7 @@ def test_guide_works_with_pyro_predictive_and_saves(laplace_model, tmp_path):
 def test_guide_saves_a_factor_two_sites_share(laplace_model, tmp_path):
     """q_proj's and v_proj's A share one input factor; when its tensors own their storage (the
     streamed decomposition of SmolLM2's d = 576 factors) safetensors refuses the aliased names
-    unless the save copies the second one."""
+    unless the save stores it once, the second site's names as aliases."""
     from dataclasses import replace
 
     model, data = laplace_model
@@ -239,6 +242,15 @@ def test_guide_saves_a_factor_two_sites_share(laplace_model, tmp_path):
         torch.testing.assert_close(again.blocks[n].A.eigvecs, own.eigvecs, rtol=0, atol=0)
         torch.testing.assert_close(again.blocks[n].A.eigvals, own.eigvals, rtol=0, atol=0)
     assert own.eigvecs.untyped_storage().nbytes() == own.eigvecs.numel() * own.eigvecs.element_size()
+    # stored once, under the first site's names; loaded as one tensor for both sites
+    with safe_open(str(tmp_path / "laplace.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert f"{q}/A.eigvecs" in stored and f"{v}/A.eigvecs" not in stored and f"{v}/S.eigvecs" in stored
+    assert again.blocks[q].A.eigvecs.data_ptr() == again.blocks[v].A.eigvecs.data_ptr()
+    # an alias naming nothing stored is a corrupt file, not a KeyError later
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "dangling.safetensors"), metadata={ALIASES_KEY: '{"y": "z"}'})
+    with pytest.raises(CorruptFileError, match="dangling"):
+        load_tensors(tmp_path / "dangling.safetensors")
 
 
 def test_probit_and_mc_predictives():
