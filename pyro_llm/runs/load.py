@@ -79,6 +79,14 @@ def _temperature(run: Run, predict: Predict, temperature: str | float, limit: in
     return fit_temperature_to_probs(*recorded)
 
 
+def _reusing(predict: Predict, recorded: tuple[torch.Tensor, torch.Tensor] | None) -> Predict:
+    """``predict``, answering from ``recorded`` ``(probs, labels)`` (an earlier evaluation's, with the
+    same draws on the same examples) when asked for examples with those labels."""
+    if recorded is None:
+        return predict
+    return lambda data: recorded[0] if torch.equal(recorded[1], data.labels) else predict(data)
+
+
 def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test", samples: int | None = None,
              limit: int | None = None, device: str | None = None, progress: bool = True,
              cache: str | None = None, predictive: str | None = None, seed: int | None = None,
@@ -107,12 +115,10 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
     if temperature is not None:
         T = _temperature(run, predict, temperature, validation_limit, tag, facts)
         # the same draws on the same examples, already recorded (e.g. at the end of training), are reused
-        recorded = recorded_predictions(run.run_dir, spec, split, facts, evaluation_limit(run.config, limit))
-        untempered = predict
+        untempered = _reusing(predict, recorded_predictions(run.run_dir, spec, split, facts,
+                                                            evaluation_limit(run.config, limit)))
 
         def predict(data: EncodedDataset) -> torch.Tensor:
-            if recorded is not None and torch.equal(recorded[1], data.labels):
-                return temper(recorded[0], T)
             return temper(untempered(data), T)
 
         tag += "-Tval" if temperature == "validation" else f"-T{T:g}"
@@ -129,8 +135,11 @@ def evaluate_ensemble(run_dirs: Sequence[str | Path], task: str | None = None, *
     """The ensemble of saved runs: their predictive probabilities averaged, example by example.
 
     The runs are loaded one at a time (one model in memory); all are scored on the same examples
-    (the first run's split seed and length), which must carry the same labels. With ``out`` the
-    metrics and members are written to that JSON file; the runs' folders are not touched."""
+    (the first run's split seed and length), which must carry the same labels. A member whose data
+    settings are the first's and that recorded an evaluation of these examples with the same draws
+    (training records its own test split) contributes those predictions instead of predicting
+    again. With ``out`` the metrics and members are written to that JSON file; the runs' folders
+    are not touched."""
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two runs")
     check_int("limit", limit, low=1, optional=True)
@@ -144,11 +153,16 @@ def evaluate_ensemble(run_dirs: Sequence[str | Path], task: str | None = None, *
         first = first or run.config
         spec = spec or (get_task(task) if task else run.task)
         retarget_head(run, spec)
-        data = load_split(first, spec, split, run.tokenizer, limit if limit is not None else first.data.test_limit)
+        read = limit if limit is not None else first.data.test_limit
+        data = load_split(first, spec, split, run.tokenizer, read)
         if labels is not None and not torch.equal(labels, data.labels):
             raise ValueError(f"{run_dir} sees other examples or labels than {run_dirs[0]} on {spec.name}/{split}")
         labels = data.labels
-        probs = predictor(run, samples=samples, seed=seed, progress=progress)[0](data).double()
+        predict, _, facts = predictor(run, samples=samples, seed=seed, progress=progress)
+        # the member's own evaluation of these examples with the same draws, when it recorded one
+        if run.config.data == first.data:
+            predict = _reusing(predict, recorded_predictions(run.run_dir, spec, split, facts, read))
+        probs = predict(data).double()
         total = probs if total is None else total + probs
         del run
     assert total is not None and labels is not None and first is not None and spec is not None

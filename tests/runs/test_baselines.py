@@ -120,6 +120,22 @@ def test_ensemble_averages_the_members_predictions(runs, tmp_path):
     assert res.exit_code == 0 and "ensemble of 2" in res.output, res.output
 
 
+def test_ensemble_reuses_the_members_recorded_predictions(runs):
+    """A member that recorded an evaluation of the same examples with the same draws contributes
+    those predictions: planted predictions (classes rolled) must set the ensemble's metrics."""
+    members = [runs["map0"], runs["map1"]]
+    for d in members:
+        evaluate(d, progress=False, limit=12, record_as="reuse-check")
+    (p0, labels), (p1, _) = (_saved(d, "arc-easy/test/reuse-check") for d in members)
+    planted = p0.roll(1, dims=1)
+    atomic_save_tensors(members[0] / "predictions" / "arc-easy_test_reuse-check.safetensors",
+                        {"probs": planted, "labels": labels})
+    m = evaluate_ensemble(members, progress=False, limit=12)
+    ref = compute_metrics((planted.double() + p1.double()) / 2, labels)
+    assert abs(m.nll - ref.nll) <= 1e-6 and m.accuracy == ref.accuracy
+    assert abs(m.nll - compute_metrics((p0.double() + p1.double()) / 2, labels).nll) > 1e-3
+
+
 def test_mc_dropout_samples_vary_and_blob_reports_its_scales(runs):
     one = evaluate(runs["mcd"], samples=1, progress=False, limit=16, seed=0)
     other = evaluate(runs["mcd"], samples=1, progress=False, limit=16, seed=1)
