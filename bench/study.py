@@ -110,8 +110,16 @@ def _scored(run_dir: Path, task: str, tag: str, limit: int | None, **options: An
     if not options and f"{task}/test" in table and key not in table:
         return load_predictions(run_dir, f"{task}/test")
     if key not in table:
+        t0 = time.perf_counter()
         evaluate(run_dir, task, limit=limit, progress=False, record_as=tag, **options)
+        _log(f"{run_dir}: evaluated {key} in {time.perf_counter() - t0:.0f} s")
     return load_predictions(run_dir, key)
+
+
+def _log(message: str) -> None:
+    """One line per finished cell (the runs themselves run without progress bars), so that a
+    study's log, or each seed's ``seed<N>.log``, shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
@@ -122,6 +130,7 @@ def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tup
             t0 = time.perf_counter()
             train(run_config(c, task, seed, **kw), d, overwrite=True, progress=False)
             (d / "wall_seconds").write_text(f"{time.perf_counter() - t0}\n")
+            _log(f"{d}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
         return d
 
     runs = {"map": fit("map", guide="map"), "blob": fit("blob", guide="blob"),
@@ -131,9 +140,11 @@ def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tup
                                     ("laplace-valnll", "val-nll", str(base / "laplace-marglik"))):
         d = base / name
         if not (d / "metrics.json").is_file():
+            t0 = time.perf_counter()
             laplace(run_config(c, task, seed), LaplaceConfig(adapter=str(runs["map"]), prior_precision=method,
                                                              curvature_from=curvature), d,
                     overwrite=True, progress=False)
+            _log(f"{d}: fitted and evaluated in {time.perf_counter() - t0:.0f} s")
         runs[name] = d
     ts = {"temperature": "validation", "validation_limit": c["val_limit"]}
     return {"map": (runs["map"], {}), "map+ts": (runs["map"], ts), "mc-dropout": (runs["mc-dropout"], {}),
@@ -201,6 +212,7 @@ def main() -> None:
             if len(by_seed) > 1:
                 maps = [cells["map"][0] for cells in by_seed.values()]
                 records[row]["ensemble"] = [evaluate_ensemble(maps, name, limit=limit, progress=False).as_dict()]
+            _log(f"row {row} done; tables in {out}")
             # partial tables after every row, so an interrupted study still reports what it finished
             write_results(out, c, args, records, pooled, costs, {}, time.perf_counter() - started, quiet=True)
     bench = {} if args.skip_bench or c["model"] == "minilm-l6" else cost_benchmarks(c, out)
