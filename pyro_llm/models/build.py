@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -101,16 +103,27 @@ def build_model(
         task_type = TaskType.CAUSAL_LM
     head = head_for(task, tok)
     if adapter_dir is not None:
-        peft_model = _load_adapter(base, model_name, Path(adapter_dir))
+        with _quiet_peft():
+            peft_model = _load_adapter(base, model_name, Path(adapter_dir))
     else:
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
                             target_modules=list(lora.target_modules or default_targets(base)))
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_peft():
             torch.manual_seed(seed)
             peft_model = get_peft_model(base, config)
     peft_model.to(torch.device(device) if not isinstance(device, torch.device) else device)
     peft_model.eval()  # dropout off: randomness comes from the guide
     return BayesianLoRAModel(peft_model, head, prior, b_site=b_site, dataset_size=dataset_size), tok
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft's wrapping asks transformers ``is_gradient_checkpointing``, which transformers 5 marks
+    deprecated: a FutureWarning on every model built that no user can act on, so it is hidden
+    (only that one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 def _load_adapter(base: torch.nn.Module, model_name: str, adapter_dir: Path) -> PeftModel:
