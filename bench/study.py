@@ -61,6 +61,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # from another source (ActivityNet / WikiHow captions), four open-ended continuations
     "cpu-piqa": dict(_SMOL, tasks=["piqa-cloze"], ood={"piqa-cloze": ["hellaswag-cloze"]}, fractions={},
                      steps=150, train_limit=None, test_limit=None, max_length=128, ood_limit=200),
+    # the same in bfloat16 (the base model; LoRA and guides stay float32): on a CPU with AMX a forward
+    # pass is about 3x and a training step 1.6x faster than in float32, the GPU configuration's dtype
+    "cpu-piqa-bf16": dict(_SMOL, tasks=["piqa-cloze"], ood={"piqa-cloze": ["hellaswag-cloze"]}, fractions={},
+                          steps=150, train_limit=None, test_limit=None, max_length=128, ood_limit=200,
+                          dtype="bfloat16"),
     "cpu-siqa": dict(_SMOL, tasks=["social-iqa"], ood={"social-iqa": ["commonsense-qa"]}, fractions={},
                      steps=150, train_limit=None, test_limit=None, max_length=128, ood_limit=300),
     # the earlier testbeds
