@@ -79,7 +79,7 @@ def main() -> None:
               f"max |logit difference| {r['max_abs_logit_difference']:.1e}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"device": str(device), "dtype": args.dtype, "model": args.model,
-                                        "results": results}, indent=2) + "\n")
+                                        "threads": torch.get_num_threads(), "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

