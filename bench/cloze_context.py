@@ -29,16 +29,14 @@ CASES = [("hellaswag-cloze", 48), ("piqa-cloze", 96), ("social-iqa-cloze", 96), 
 
 def positions(data: EncodedDataset, batch_size: int) -> dict[str, int]:
     """Token positions a pass computes with whole rows and with each question's context once (in the
-    batches where the head shares it: those it leaves at most ``worth_sharing`` of their positions)."""
+    batches where the head shares it, by its own :meth:`ChoiceLikelihoodHead.context_plan`)."""
     whole = shared = 0
     for idx in data.by_length(batch_size):
         b = data.batch(idx)
         n, k, t = b["input_ids"].shape
-        lengths = ChoiceLikelihoodHead._shared_context(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        width = int((b["attention_mask"].sum(-1) - lengths[:, None]).max())
+        plan = ChoiceLikelihoodHead.context_plan(b["input_ids"], b["attention_mask"], b["token_type_ids"])
         whole += n * k * t
-        split = n * (int(lengths.max()) + k * width)
-        shared += split if split <= ChoiceLikelihoodHead.worth_sharing * n * k * t else n * k * t
+        shared += n * k * t if plan is None else n * (plan[1] + k * plan[2])
     return {"whole": whole, "shared": shared}
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
-
 import functools
+from typing import Protocol, Sequence
 
 import torch
 from pyro.poutine.runtime import am_i_wrapped
@@ -103,20 +102,33 @@ class ChoiceLikelihoodHead:
         return (same & before_last).long().cumprod(-1).sum(-1)
 
     @staticmethod
+    def context_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+                     ) -> tuple[torch.Tensor, int, int] | None:
+        """How prediction splits this ``[batch, choices, length]`` batch: ``(lengths, longest, width)``,
+        each question's shared context length (:meth:`_shared_context`), the longest of them and the
+        widest choice row after its context; ``None`` when the batch runs whole rows (one choice, or
+        sharing would leave more than :attr:`worth_sharing` of its token positions)."""
+        _, k, t = input_ids.shape
+        if k < 2:
+            return None
+        lengths = ChoiceLikelihoodHead._shared_context(input_ids, attention_mask, token_type_ids)
+        longest, width = torch.stack([lengths.max(), (attention_mask.sum(-1) - lengths[:, None]).max()]).tolist()
+        if longest + k * width > ChoiceLikelihoodHead.worth_sharing * k * t:  # (the plan's one host sync)
+            return None
+        return lengths, longest, width
+
+    @staticmethod
     def _choices_after_context(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                               token_type_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+                               token_type_ids: torch.Tensor, plan: tuple[torch.Tensor, int, int]
+                               ) -> tuple[torch.Tensor, ...]:
         """``(hidden, ids, mask, segment)`` of each row from its question's shared context on, that
-        context encoded once per question; ``None`` when that would not save enough token positions
-        (:attr:`worth_sharing`; contexts cut differently from the left share little).
+        context encoded once per question as ``plan`` (:meth:`context_plan`) says.
 
         The shared contexts are right-aligned in one left-padded pass whose keys and values, repeated
         for the choices, the choices' pass attends to; positions are given explicitly, so each
         token keeps the position it has in its whole row."""
         b, k, t = input_ids.shape
-        lengths = ChoiceLikelihoodHead._shared_context(input_ids, attention_mask, token_type_ids)
-        longest, width = torch.stack([lengths.max(), (attention_mask.sum(-1) - lengths[:, None]).max()]).tolist()
-        if longest + k * width > ChoiceLikelihoodHead.worth_sharing * k * t:  # (the check's one host sync)
-            return None
+        lengths, longest, width = plan
         arange = functools.partial(torch.arange, device=input_ids.device)
         source = arange(longest) - (longest - lengths[:, None])  # [b, longest]; negative: left padding
         context_mask = (source >= 0).long()
@@ -143,14 +155,15 @@ class ChoiceLikelihoodHead:
         b, k, t = input_ids.shape
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         backbone = getattr(base, base.base_model_prefix)
-        split = None
-        if self.share_context and k > 1 and not torch.is_grad_enabled() and not am_i_wrapped():
-            split = self._choices_after_context(backbone, input_ids, attention_mask, token_type_ids)
-        if split is None:
+        plan = None
+        if self.share_context and not torch.is_grad_enabled() and not am_i_wrapped():
+            plan = self.context_plan(input_ids, attention_mask, token_type_ids)
+        if plan is None:
             ids, mask, segment = (x.reshape(b * k, t) for x in (input_ids, attention_mask, token_type_ids))
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
-            hidden, ids, mask, segment = split
+            hidden, ids, mask, segment = self._choices_after_context(backbone, input_ids, attention_mask,
+                                                                     token_type_ids, plan)
         # position p predicts token p + 1: keep the positions whose next token is a choice token
         # (one nonzero gives rows and positions for both gathers: the forward's one host sync besides
         # the shared contexts' lengths)
