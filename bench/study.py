@@ -229,7 +229,8 @@ def main() -> None:
 
 def _seeds_side_by_side(args: Any, runs_root: Path) -> None:
     """Run each seed's cells in its own process (at most ``args.jobs`` at a time); the caller then
-    resumes over the finished runs, adding the ensembles and the tables."""
+    resumes over the finished runs, adding the ensembles and the tables. A seed that fails (e.g.
+    killed for memory) does not stop the others: the command waits for all, then fails naming it."""
     import os
     import subprocess
 
@@ -240,7 +241,7 @@ def _seeds_side_by_side(args: Any, runs_root: Path) -> None:
         passed += ["--tasks", *args.tasks]
     if args.no_ood:
         passed.append("--no-ood")
-    pending, running = list(args.seeds), []
+    pending, running, failed = list(args.seeds), [], []
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
@@ -256,8 +257,11 @@ def _seeds_side_by_side(args: Any, runs_root: Path) -> None:
         for seed, proc in list(running):
             if proc.poll() is not None:
                 running.remove((seed, proc))
-                if proc.returncode:
-                    raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {runs_root / f'seed{seed}.log'}")
+                if proc.returncode:  # the other seeds go on: their runs are kept and resume the next time
+                    failed.append(f"seed {seed} (exit {proc.returncode}; see {runs_root / f'seed{seed}.log'})")
+                    _log(f"{failed[-1]} failed; the other seeds go on")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}; the finished runs resume when the command is run again")
 
 
 def cost_benchmarks(c: dict[str, Any], out: Path) -> dict[str, Any]:

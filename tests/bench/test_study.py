@@ -35,3 +35,16 @@ def test_study_tiny_configuration(tiny_llama, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.json")} == stamps
+
+
+def test_a_failed_seed_does_not_stop_the_others(tiny_llama, tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    # seed -1 fails at once (an invalid seed); seed 0 must still run to its end before the command fails
+    cmd = [sys.executable, "-m", "bench.study", "--config", "tiny", "--model", str(tiny_llama), "--out", str(tmp_path),
+           "--seeds", "-1", "0", "--skip-bench", "--resamples", "20", "--no-ood", "--jobs", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
+    assert res.returncode != 0
+    assert "seed -1 (exit 1" in res.stderr and "seed 0 " not in res.stderr
+    assert (tmp_path / "runs" / "seed0-tables" / "results.json").is_file()
+    assert (tmp_path / "runs" / "openbookqa" / "seed0" / "laplace-valnll" / "metrics.json").is_file()
+    assert not (tmp_path / "results.json").exists()  # no pooled table over a missing seed
