@@ -109,15 +109,19 @@ def _metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def _scored(run_dir: Path, task: str, tag: str, limit: int | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's test predictions on ``task`` under ``tag`` (evaluated once; a rerun reads them back).
+def _scored(run_dir: Path, task: str, tag: str, limit: int | None, compute: bool = True,
+            **options: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The run's test predictions on ``task`` under ``tag`` (evaluated once; a rerun reads them back;
+    ``None`` when not recorded yet and ``compute`` is false).
     With no options on the run's own task they are the ones the run recorded when it finished
     (:func:`~pyro_llm.runs.evaluate` with defaults makes the same draws from the run's seed)."""
     key = f"{task}/test/{tag}"
-    table = _metrics(run_dir)
+    table = _metrics(run_dir) if (run_dir / "metrics.json").is_file() else {}
     if not options and f"{task}/test" in table and key not in table:
         return load_predictions(run_dir, f"{task}/test")
     if key not in table:
+        if not compute:
+            return None
         t0 = time.perf_counter()
         evaluate(run_dir, task, limit=limit, progress=False, record_as=tag, **options)
         _log(f"{run_dir}: evaluated {key} in {time.perf_counter() - t0:.0f} s")
@@ -130,11 +134,13 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """Train or fit every run of one task and seed; ``method -> (run folder, evaluate options)``."""
+def _cells(c: dict[str, Any], task: str, seed: int, base: Path,
+           train_missing: bool = True) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Train or fit every run of one task and seed (only name them with ``train_missing`` false);
+    ``method -> (run folder, evaluate options)``."""
     def fit(name: str, **kw: Any) -> Path:
         d = base / name
-        if not (d / "metrics.json").is_file():
+        if train_missing and not (d / "metrics.json").is_file():
             t0 = time.perf_counter()
             train(run_config(c, task, seed, **kw), d, overwrite=True, progress=False)
             (d / "wall_seconds").write_text(f"{time.perf_counter() - t0}\n")
@@ -147,7 +153,7 @@ def _cells(c: dict[str, Any], task: str, seed: int, base: Path) -> dict[str, tup
     for name, method, curvature in (("laplace-marglik", "marglik", ""),
                                     ("laplace-valnll", "val-nll", str(base / "laplace-marglik"))):
         d = base / name
-        if not (d / "metrics.json").is_file():
+        if train_missing and not (d / "metrics.json").is_file():
             t0 = time.perf_counter()
             laplace(run_config(c, task, seed), LaplaceConfig(adapter=str(runs["map"]), prior_precision=method,
                                                              curvature_from=curvature), d,
@@ -175,6 +181,9 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the paired differences")
     ap.add_argument("--skip-bench", action="store_true", help="leave out the cost benchmarks")
     ap.add_argument("--no-ood", action="store_true", help="leave out the shifted test sets (in-distribution rows only)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="train and evaluate nothing: write the tables of the cells already finished (a method "
+                         "missing some seeds is marked; paired differences need every seed)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds trained side by side, each a process with cores/jobs threads (on a 2-core CPU "
                          "3 one-thread processes finish sooner than one two-thread process)")
@@ -190,7 +199,7 @@ def main() -> None:
     out = Path(args.out)
     runs_root = Path(args.runs_dir) if args.runs_dir else out / "runs"
     started = time.perf_counter()
-    if args.jobs > 1 and len(args.seeds) > 1:
+    if args.jobs > 1 and len(args.seeds) > 1 and not args.finished_only:
         _seeds_side_by_side(args, runs_root)
     # records[row][method] -> per-seed metric dicts; pooled[row][method] -> per-seed (probs, labels)
     records: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -198,8 +207,12 @@ def main() -> None:
     costs: dict[str, list[float]] = {"map_step_s": [], "blob_step_s": [], "laplace_fit_s": []}
     for task in args.tasks or c["tasks"]:
         evals = [task] + c["ood"].get(task, [])
-        by_seed = {seed: _cells(c, task, seed, runs_root / task / f"seed{seed}") for seed in args.seeds}
+        by_seed = {seed: _cells(c, task, seed, runs_root / task / f"seed{seed}", not args.finished_only)
+                   for seed in args.seeds}
         for cells in by_seed.values():
+            if not all((cells[m][0] / f).is_file() for m, f in (("map", "history.json"), ("blob", "history.json"),
+                                                                ("laplace-marglik", "laplace/fit.json"))):
+                continue  # --finished-only before these runs finished
             costs["map_step_s"].append(statistics.median(
                 h["seconds"] for h in json.loads((cells["map"][0] / "history.json").read_text())))
             costs["blob_step_s"].append(statistics.median(
@@ -213,17 +226,23 @@ def main() -> None:
                 for method, (run_dir, options) in cells.items():
                     if name != task and options.get("temperature") == "validation":
                         # the T fitted for the task's own row (same run, same validation split)
-                        options = {"temperature": _metrics(run_dir)[f"{task}/test/{method}"]["temperature"]}
-                    probs, labels = _scored(run_dir, name, method, limit, **options)
+                        own = _metrics(run_dir).get(f"{task}/test/{method}") if (run_dir / "metrics.json").is_file() else None
+                        if own is None and args.finished_only:
+                            continue
+                        options = {"temperature": own["temperature"]}
+                    scored = _scored(run_dir, name, method, limit, not args.finished_only, **options)
+                    if scored is None:  # --finished-only: not evaluated yet
+                        continue
+                    probs, labels = scored
                     records.setdefault(row, {}).setdefault(method, []).append(compute_metrics(probs, labels).as_dict())
                     pooled.setdefault(row, {}).setdefault(method, []).append((probs, labels))
-            if len(by_seed) > 1:
+            if len(by_seed) > 1 and len(pooled.get(row, {}).get("map", [])) == len(by_seed):
                 maps = [cells["map"][0] for cells in by_seed.values()]
                 records[row]["ensemble"] = [evaluate_ensemble(maps, name, limit=limit, progress=False).as_dict()]
             _log(f"row {row} done; tables in {out}")
             # partial tables after every row, so an interrupted study still reports what it finished
             write_results(out, c, args, records, pooled, costs, {}, time.perf_counter() - started, quiet=True)
-    bench = {} if args.skip_bench or c["model"] == "minilm-l6" else cost_benchmarks(c, out)
+    bench = {} if args.skip_bench or args.finished_only or c["model"] == "minilm-l6" else cost_benchmarks(c, out)
     write_results(out, c, args, records, pooled, costs, bench, time.perf_counter() - started)
 
 
@@ -317,6 +336,7 @@ def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, pooled
         for method, ms in methods.items():
             table.setdefault(row, {})[method] = {m: [r[m] for r in ms] for m in ("accuracy", "ece", "nll", "brier")}
             table[row][method]["n"] = ms[0]["n"]
+            table[row][method]["seeds"] = len(ms)
         differences[row] = _differences(pooled.get(row, {}), args.resamples)
     device = torch.cuda.get_device_name(0) if c["device"].startswith("cuda") and torch.cuda.is_available() else "CPU"
     meta = {"config": args.config, **{k: v for k, v in c.items() if k != "fractions"},
@@ -343,7 +363,9 @@ def write_results(out: Path, c: dict[str, Any], args: Any, records: dict, pooled
                 for metric in ("nll", "ece"):
                     d = differences[row].get(method, {}).get(ref, {}).get(metric)
                     cells.append("" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-            lines.append(f"| {method} | {_fmt(r['accuracy'])} | {_fmt(r['ece'])} | {_fmt(r['nll'], digits=3)} | "
+            label = method if method == "ensemble" or r["seeds"] == len(args.seeds) else \
+                f"{method} ({r['seeds']} of {len(args.seeds)} seeds)"
+            lines.append(f"| {label} | {_fmt(r['accuracy'])} | {_fmt(r['ece'])} | {_fmt(r['nll'], digits=3)} | "
                          f"{_fmt(r['brier'], digits=3)} | " + " | ".join(cells) + " |")
         lines.append("")
     m = statistics.median

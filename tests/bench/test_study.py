@@ -48,3 +48,12 @@ def test_a_failed_seed_does_not_stop_the_others(tiny_llama, tmp_path):
     assert (tmp_path / "runs" / "seed0-tables" / "results.json").is_file()
     assert (tmp_path / "runs" / "openbookqa" / "seed0" / "laplace-valnll" / "metrics.json").is_file()
     assert not (tmp_path / "results.json").exists()  # no pooled table over a missing seed
+    # --finished-only reports the finished cells, marked as one seed of two, and trains nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.json")}
+    res = subprocess.run(cmd[:-2] + ["--finished-only"], capture_output=True, text=True, timeout=900, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.json")} == stamps
+    assert not (tmp_path / "runs" / "openbookqa" / "seed-1").exists()
+    own = json.loads((tmp_path / "results.json").read_text())["results"]["openbookqa/test"]
+    assert "ensemble" not in own and {m: r["seeds"] for m, r in own.items()} == {m: 1 for m in own}
+    assert "laplace+ts" in own and "| map (1 of 2 seeds) |" in (tmp_path / "results.md").read_text()
