@@ -22,7 +22,9 @@ step and its N = 10 passes over two-row questions), ``cpu-piqa-bf16`` the same w
 in bfloat16 (faster evaluation passes on CPUs with AMX, not faster training steps; still more than
 90 minutes); ``cpu`` and ``cpu-encoder`` are the earlier testbeds; ``gpu`` the full size; ``tiny`` a
 seconds-long smoke run for tests. Runs resume where they stopped (a finished run or evaluation is
-never redone), the tables are rewritten after every row, and each finished cell logs one line.
+never redone), the tables are rewritten after every row, and each finished cell logs one line;
+``--finished-only`` writes the tables of the cells finished so far without training or evaluating
+anything (a seed that failed, a study still running elsewhere).
 
     python -m bench.study --config cpu-sst2 --jobs 3 --out docs/results/cpu-sst2 --runs-dir runs/study-sst2-r2
     python -m bench.study --config gpu --out docs/results/gpu --device cuda
