@@ -107,8 +107,9 @@ def run_config(c: dict[str, Any], task: str, seed: int, guide: str = "map", lora
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
-    """The run's ``metrics.json``: every evaluation it has recorded, by key."""
-    return json.loads((run_dir / "metrics.json").read_text())
+    """The run's ``metrics.json``: every evaluation it has recorded, by key (none before it finished)."""
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _scored(run_dir: Path, task: str, tag: str, limit: int | None, compute: bool = True,
@@ -118,7 +119,7 @@ def _scored(run_dir: Path, task: str, tag: str, limit: int | None, compute: bool
     With no options on the run's own task they are the ones the run recorded when it finished
     (:func:`~pyro_llm.runs.evaluate` with defaults makes the same draws from the run's seed)."""
     key = f"{task}/test/{tag}"
-    table = _metrics(run_dir) if (run_dir / "metrics.json").is_file() else {}
+    table = _metrics(run_dir)
     if not options and f"{task}/test" in table and key not in table:
         return load_predictions(run_dir, f"{task}/test")
     if key not in table:
@@ -228,7 +229,7 @@ def main() -> None:
                 for method, (run_dir, options) in cells.items():
                     if name != task and options.get("temperature") == "validation":
                         # the T fitted for the task's own row (same run, same validation split)
-                        own = _metrics(run_dir).get(f"{task}/test/{method}") if (run_dir / "metrics.json").is_file() else None
+                        own = _metrics(run_dir).get(f"{task}/test/{method}")
                         if own is None and args.finished_only:
                             continue
                         options = {"temperature": own["temperature"]}
