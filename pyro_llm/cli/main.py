@@ -213,6 +213,9 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @click.option("--predictive", default=_LAPLACE.predictive, type=click.Choice(list(PREDICTIVES)),
               help="; ".join(f"{k}: {v}" for k, v in PREDICTIVES.items()))
 @click.option("--mc-samples", default=_LAPLACE.mc_samples, help="Logit samples of the glm-mc predictive.")
+@click.option("--glm-max-tokens", default=_LAPLACE.glm_max_tokens,
+              help="Bound on the padded tokens of one batch of a GLM pass (every choice of a cloze question "
+                   "counted); its memory grows with them.")
 @click.option("--eval-samples", default=e.samples, help="Weight samples of the nn predictive.")
 @click.option("--batch-size", default=_KFAC.batch_size)
 @click.option("--ece-bins", default=e.ece_bins)
@@ -225,7 +228,8 @@ def laplace_cmd(**kw: Any) -> None:
     kfac = KFACConfig(fisher=kw["fisher"], mode=kw["kfac_mode"], n_kfac=kw["n_kfac"],
                       dense_threshold=kw["dense_threshold"], batch_size=kw["batch_size"])
     lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=kfac, a_only=kw["a_only"], prior_precision=kw["prior_precision"],
-                         predictive=kw["predictive"], mc_samples=kw["mc_samples"], curvature_from=kw["curvature_from"])
+                         predictive=kw["predictive"], mc_samples=kw["mc_samples"], curvature_from=kw["curvature_from"],
+                         glm_max_tokens=kw["glm_max_tokens"])
     cfg = RunConfig(task=kw["task"], model=_model_section(kw),
                     data=_data_section(kw),
                     eval=EvalConfig(samples=kw["eval_samples"], ece_bins=kw["ece_bins"]),

@@ -70,15 +70,32 @@ class EncodedDataset:
         for start in range(0, len(self), batch_size):
             yield torch.arange(start, min(start + batch_size, len(self)))
 
-    def by_length(self, batch_size: int) -> list[torch.Tensor]:
+    @property
+    def sequences_per_row(self) -> int:
+        """Sequences the model reads per row: one per choice for a cloze task, else one."""
+        return int(self.input_ids.shape[1]) if self.input_ids.dim() == 3 else 1
+
+    def by_length(self, batch_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
         """Row indices in batches of neighbouring lengths, longest first, for evaluation passes.
 
         A batch is trimmed to its longest row, so grouping rows by length cuts the padding a pass
         computes (a BoolQ passage is 40 to 400 tokens); the longest batch comes first, so a pass that
-        would run out of memory does so at once. Per-row results go back to row order with
-        :func:`in_row_order`."""
+        would run out of memory does so at once. ``max_tokens`` also bounds a batch's padded tokens
+        (rows x :attr:`sequences_per_row` x its longest row), for a pass whose memory grows with
+        them, such as one under a gradient; a row over the bound on its own is a batch of one.
+        Per-row results go back to row order with :func:`in_row_order`."""
         order = sorted(range(len(self)), key=lambda i: -self._lengths[i])  # stable: ties keep row order
-        return [torch.tensor(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+        if max_tokens is None:
+            return [torch.tensor(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+        batches: list[list[int]] = []
+        for i in order:  # longest first: a batch's width is its first row's
+            last = batches[-1] if batches else None
+            if (last is not None and len(last) < batch_size
+                    and (len(last) + 1) * self.sequences_per_row * self._lengths[last[0]] <= max_tokens):
+                last.append(i)
+            else:
+                batches.append([i])
+        return [torch.tensor(b) for b in batches]
 
 
 def in_row_order(batches: Sequence[torch.Tensor], parts: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:

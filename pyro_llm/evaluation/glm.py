@@ -22,10 +22,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_int
 from ..data.collate import EncodedDataset, in_row_order
 from ..guides.laplace import LaplaceGuide
 
-__all__ = ["glm_logit_moments", "probit_probs", "mc_probs"]
+__all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
+
+#: The default bound on padded tokens in one GLM batch. The pass holds a batch's whole forward graph
+#: and one gradient per class, so its memory grows with the tokens: a question of four 128-token
+#: choices is 512 tokens, and eight of them took 9 GB on SmolLM2-135M (docs/RESULTS.md, section 1c).
+GLM_MAX_TOKENS = 2048
 
 
 def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: torch.Tensor) -> list[torch.Tensor]:
@@ -42,10 +48,13 @@ def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: tor
 
 
 def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
-                      batch_size: int = 4, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch_size: int = 4, max_tokens: int | None = GLM_MAX_TOKENS,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP logits ``[N, C]`` and logit covariances ``[L, N, C, C]``, one per prior precision:
     ``prior_precisions`` is a vector of ``L`` scalars or an ``L x sites`` matrix (default: the
-    guide's own)."""
+    guide's own). A batch holds at most ``batch_size`` rows and ``max_tokens`` padded tokens
+    (every choice of a cloze row counted; ``None``: no bound), which bounds the pass's memory."""
+    check_int("max_tokens", max_tokens, low=1, optional=True)
     model = guide.model
     if prior_precisions is None:  # the guide's own: one row, scalar or per site
         lams = guide.prior_precision.double().reshape(1, -1)
@@ -63,7 +72,7 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
             captured[name] = (inputs[0].detach(), output)
         return fn
 
-    batches = data.by_length(batch_size)
+    batches = data.by_length(batch_size, max_tokens)
     handles = [s.module.register_forward_hook(hook(s.name)) for s in model.sites]
     values = {k: v.detach().requires_grad_(True) for k, v in guide.median().items()}
     try:

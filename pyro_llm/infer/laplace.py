@@ -29,7 +29,7 @@ import torch
 from ..curvature.kfac import KFACConfig, KFACFactors, fit_kfac
 from ..curvature.kron import KronBlock
 from ..data.collate import EncodedDataset
-from ..evaluation.glm import glm_logit_moments, probit_probs
+from ..evaluation.glm import GLM_MAX_TOKENS, glm_logit_moments, probit_probs
 from ..guides.ops import write_back_means
 from ..guides.laplace import LaplaceGuide
 from ..models.model import BayesianLoRAModel
@@ -83,10 +83,11 @@ def _by_marglik(guide: LaplaceGuide, log_likelihood: float, layerwise: bool, ini
     return lam if layerwise else lam[0]
 
 
-def _by_validation_nll(guide: LaplaceGuide, validation: EncodedDataset, batch_size: int, progress: bool
-                       ) -> torch.Tensor:
+def _by_validation_nll(guide: LaplaceGuide, validation: EncodedDataset, batch_size: int, max_tokens: int | None,
+                       progress: bool) -> torch.Tensor:
     grid = torch.logspace(-2, 4, 25, dtype=torch.float64)
-    mean, cov = glm_logit_moments(guide, validation, grid, batch_size=batch_size, progress=progress)
+    mean, cov = glm_logit_moments(guide, validation, grid, batch_size=batch_size, max_tokens=max_tokens,
+                                  progress=progress)
     nll = torch.stack([-probit_probs(mean, c).gather(1, validation.labels[:, None]).clamp_min(1e-12).log().mean()
                        for c in cov])
     return grid[int(nll.argmin())]
@@ -95,7 +96,7 @@ def _by_validation_nll(guide: LaplaceGuide, validation: EncodedDataset, batch_si
 def optimize_prior_precision(guide: LaplaceGuide, method: str = "marglik", *, log_likelihood: float | None = None,
                              validation: EncodedDataset | None = None, layerwise: bool = False,
                              init: float | None = None, steps: int = 2000, lr: float = 0.1, batch_size: int = 4,
-                             progress: bool = False) -> torch.Tensor:
+                             max_tokens: int | None = GLM_MAX_TOKENS, progress: bool = False) -> torch.Tensor:
     """Tune the guide's prior precision; sets and returns it.
 
     :param method: ``"marglik"`` (needs ``log_likelihood``, the K-FAC pass's ``log p(D | W*)``;
@@ -112,7 +113,7 @@ def optimize_prior_precision(guide: LaplaceGuide, method: str = "marglik", *, lo
             raise ValueError("method 'val-nll' needs a non-empty validation set")
         if layerwise:
             raise ValueError("method 'val-nll' tunes one scalar prior precision; layerwise needs 'marglik'")
-        lam = _by_validation_nll(guide, validation, batch_size, progress)
+        lam = _by_validation_nll(guide, validation, batch_size, max_tokens, progress)
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(PRIOR_PRECISION_METHODS)}")
     guide.set_prior_precision(lam)
@@ -128,8 +129,8 @@ def _at_initialisation(model: BayesianLoRAModel) -> bool:
 
 def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACConfig = KFACConfig(), *,
                 guide: Any = None, prior_precision: str | float | None = "marglik", layerwise: bool = False,
-                validation: EncodedDataset | None = None, progress: bool = True,
-                generator: torch.Generator | None = None) -> LaplaceFit:
+                validation: EncodedDataset | None = None, glm_max_tokens: int | None = GLM_MAX_TOKENS,
+                progress: bool = True, generator: torch.Generator | None = None) -> LaplaceFit:
     """K-FAC Laplace around the MAP (module docstring).
 
     :param guide: the trained point guide (``AutoDelta``, or any guide with ``median``); its
@@ -138,6 +139,8 @@ def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACCon
         number, or a method of :func:`optimize_prior_precision` started from the prior's value.
     :param layerwise: one ``lambda`` per site (``"marglik"`` only).
     :param validation: the validation set of ``"val-nll"``.
+    :param glm_max_tokens: bound on the padded tokens of one batch of the validation set's GLM
+        pass (``"val-nll"``; see :func:`~pyro_llm.evaluation.glm.glm_logit_moments`).
     """
     if guide is not None:
         write_back_means(model, guide, train.batch(torch.arange(min(2, len(train))), model.device))
@@ -152,13 +155,14 @@ def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACCon
     factors = fit_kfac(model, train, config, progress=progress, generator=generator)
     fitted = LaplaceGuide(model, blocks_from_factors(model, factors), 1.0)
     lml = tune_prior_precision(fitted, prior_precision, log_likelihood=factors.log_likelihood, layerwise=layerwise,
-                               validation=validation, batch_size=config.batch_size, progress=progress)
+                               validation=validation, batch_size=config.batch_size, max_tokens=glm_max_tokens,
+                               progress=progress)
     return LaplaceFit(fitted, factors, lml)
 
 
 def tune_prior_precision(guide: LaplaceGuide, prior_precision: str | float | None, *, log_likelihood: float,
                          layerwise: bool = False, validation: EncodedDataset | None = None, batch_size: int = 4,
-                         progress: bool = False) -> float:
+                         max_tokens: int | None = GLM_MAX_TOKENS, progress: bool = False) -> float:
     """Set a fitted guide's prior precision as :func:`fit_laplace` does (the model's prior, a number,
     or a method of :func:`optimize_prior_precision` started from the prior's value) and return the
     log evidence. The curvature is not touched, so one K-FAC pass serves several choices of
@@ -171,7 +175,8 @@ def tune_prior_precision(guide: LaplaceGuide, prior_precision: str | float | Non
         guide.set_prior_precision(1.0)
     if isinstance(prior_precision, str):
         optimize_prior_precision(guide, prior_precision, log_likelihood=log_likelihood, validation=validation,
-                                 layerwise=layerwise, batch_size=batch_size, progress=progress)
+                                 layerwise=layerwise, batch_size=batch_size, max_tokens=max_tokens,
+                                 progress=progress)
     elif prior_precision is not None:
         guide.set_prior_precision(float(prior_precision))
     return float(guide.log_marginal_likelihood(log_likelihood))

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..checks import check_choice, check_int, check_real
 from ..curvature import KFACConfig
+from ..evaluation.glm import GLM_MAX_TOKENS
 from ..infer.laplace import PRIOR_PRECISION_METHODS
 from ..infer.schedules import KLSchedule
 from ..infer.svi import OptimConfig
@@ -241,6 +242,8 @@ class LaplaceConfig:
     prior_precision: str = "marglik"  # marglik | marglik-layerwise | val-nll | prior | <float>
     predictive: str = "glm"
     mc_samples: int = 1000
+    #: bound on the padded tokens of one batch of a GLM pass (the predictive, the val-nll search)
+    glm_max_tokens: int = GLM_MAX_TOKENS
     #: a Laplace run of the same adapter and training data whose K-FAC posterior is reused: only the
     #: prior precision is chosen again (one curvature pass for, e.g., both marglik and val-nll)
     curvature_from: str = ""
@@ -259,6 +262,7 @@ class LaplaceConfig:
                                  f"finite number, got {self.prior_precision!r}")
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}")
+        check_int("glm_max_tokens", self.glm_max_tokens, low=1)
 
     @property
     def batch_size(self) -> int:

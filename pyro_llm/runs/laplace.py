@@ -75,7 +75,8 @@ class LaplaceRun:
                                  max_rows=self.config.eval.max_rows, progress=progress)
         if kind == "map":
             return predict_proba(self.model, self.guide, data, num_samples=0, progress=progress)
-        mean, cov = glm_logit_moments(self.guide, data, batch_size=self.lconfig.batch_size, progress=progress)
+        mean, cov = glm_logit_moments(self.guide, data, batch_size=self.lconfig.batch_size,
+                                      max_tokens=self.lconfig.glm_max_tokens, progress=progress)
         if kind == "glm":
             return probit_probs(mean, cov[0]).float()
         gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from the seeded global generator
@@ -149,8 +150,8 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
         start = time.perf_counter()
         if source is None:
             gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
-            fit = fit_laplace(net, train, lcfg.kfac, validation=validation, progress=progress,
-                              generator=gen if net.device.type == "cpu" else None,
+            fit = fit_laplace(net, train, lcfg.kfac, validation=validation, glm_max_tokens=lcfg.glm_max_tokens,
+                              progress=progress, generator=gen if net.device.type == "cpu" else None,
                               **_prior_precision_args(lcfg.prior_precision))
             guide, log_likelihood, num_examples = fit.guide, fit.factors.log_likelihood, fit.factors.num_examples
         else:
@@ -158,7 +159,7 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
             facts = read_json(source / "laplace" / "fit.json", "Laplace fit")
             log_likelihood, num_examples = float(facts["log_likelihood"]), int(facts["num_examples"])
             tune_prior_precision(guide, log_likelihood=log_likelihood, validation=validation,
-                                 batch_size=lcfg.batch_size, progress=progress,
+                                 batch_size=lcfg.batch_size, max_tokens=lcfg.glm_max_tokens, progress=progress,
                                  **_prior_precision_args(lcfg.prior_precision))
         fit_seconds = time.perf_counter() - start
         run = LaplaceRun(net, guide, tok, cfg, lcfg, task, out)

@@ -131,6 +131,7 @@ CASES = [
      "prior-precision must be"),
     ("laplace-batch-size-0", LAPLACE + ["--batch-size", "0", "--out", "{out}"], "batch_size must be >= 1"),
     ("laplace-mc-samples-0", LAPLACE + ["--mc-samples", "0", "--out", "{out}"], "mc_samples must be >= 1"),
+    ("laplace-glm-max-tokens-0", LAPLACE + ["--glm-max-tokens", "0", "--out", "{out}"], "glm_max_tokens must be >= 1"),
     ("laplace-n-kfac-0", LAPLACE + ["--n-kfac", "0", "--out", "{out}"], "n_kfac must be >= 1"),
     ("laplace-not-an-adapter", ["laplace", "--adapter", "{no_adapter}", "--model", "{model}", "--out", "{out}"],
      "no adapter_config.json"),

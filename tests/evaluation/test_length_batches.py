@@ -44,3 +44,14 @@ def test_predictions_come_back_in_row_order(arc_model):
     together = mean_logits(model, values, data, batch_size=4)
     alone = torch.cat([mean_logits(model, values, _row(data, i), batch_size=1) for i in range(len(data))])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_a_token_bound_cuts_batches_to_it(arc_model):
+    _, data = arc_model
+    lengths = data.attention_mask.sum(1)
+    bound = 3 * int(lengths.max())  # three of the longest rows; more of the shorter ones
+    batches = data.by_length(8, max_tokens=bound)
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(data)))
+    assert all(len(b) <= 8 and len(b) * int(lengths[b].max()) <= bound for b in batches)
+    assert len(batches[0]) == 3 and max(len(b) for b in batches) > 3  # the bound, not a row count, cut them
+    assert [len(b) for b in data.by_length(8, max_tokens=1)] == [1] * len(data)  # a row over the bound is alone

@@ -178,3 +178,34 @@ def test_every_cloze_task_reads_choices_and_labels_consistently():
     yes = [sum(e.label == 0 for split in ("train", "validation", "test") for e in load_examples(name, split))
            for name in ("boolq", "boolq-cloze")]
     assert yes[0] == yes[1]
+
+
+def test_glm_batches_stay_within_the_token_bound_and_give_the_same_moments(tiny_llama):
+    """The GLM pass holds a batch's forward graph and a gradient per class: ``max_tokens`` cuts a
+    cloze batch (every choice a sequence) to its bound, and the moments do not depend on the cut."""
+    from pyro_llm.evaluation.glm import glm_logit_moments
+    from pyro_llm.guides import LaplaceGuide
+    from pyro_llm.infer.laplace import blocks_from_factors
+
+    task = get_task("arc-easy-cloze")
+    model, tok = build_model(str(tiny_llama), task)
+    with torch.no_grad():
+        for p in model.params.values():
+            p.normal_(0, 0.1)
+    data = encode_examples(load_examples(task, "train", limit=6), tok, task.num_classes, max_length=96)
+    factors = fit_kfac(model, data, KFACConfig(fisher="empirical", n_kfac=8, batch_size=6), progress=False)
+    guide = LaplaceGuide(model, blocks_from_factors(model, factors), 1.0)
+    bound = 2 * task.num_classes * int(data.attention_mask.sum(-1).max())  # two questions of the longest
+    tokens: list[int] = []
+    handle = model.sites[0].module.register_forward_hook(lambda m, i, o: tokens.append(i[0].shape[:-1].numel()))
+    try:
+        bounded = glm_logit_moments(guide, data, batch_size=6, max_tokens=bound, progress=False)
+        assert len(tokens) >= 3 and max(tokens) <= bound  # six questions cut into batches of at most two
+        tokens.clear()
+        whole = glm_logit_moments(guide, data, batch_size=6, max_tokens=None, progress=False)
+        assert len(tokens) == 1 and tokens[0] > bound  # unbounded: one batch over the bound
+    finally:
+        handle.remove()
+    # float32 forwards of other batch shapes: equal to float32's rounding
+    torch.testing.assert_close(bounded[0], whole[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(bounded[1], whole[1], rtol=1e-4, atol=1e-4 * float(whole[1].abs().max()))
