@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from pyro_llm.evaluation import compute_metrics, reliability_bins
@@ -70,3 +71,32 @@ def test_paired_bootstrap_matches_scipy_and_says_when_a_difference_is_real():
     assert ours.excludes_zero and ours.difference < 0
     same = paired_bootstrap(a, a, labels, resamples=50)
     assert all(d.difference == d.low == d.high == 0 for d in same.values())
+
+
+def test_paired_bootstrap_scores_every_resample_as_compute_metrics_does():
+    """Each resample's metrics are weighted sums (ECE per torchmetrics bin); the intervals equal those
+    of scoring every resampled set with compute_metrics (torchmetrics' ECE), resample by resample,
+    including confidences of exactly 1 (a bin of their own) and ties broken alike."""
+    from pyro_llm.evaluation import compute_metrics, paired_bootstrap
+
+    gen = torch.Generator().manual_seed(1)
+    n, resamples = 150, 200
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    a = torch.softmax(3 * torch.randn(n, 4, generator=gen), -1)
+    b = torch.softmax(torch.randn(n, 4, generator=gen) + torch.nn.functional.one_hot(labels, 4), -1)
+    a[:10] = torch.nn.functional.one_hot(torch.randint(0, 4, (10,), generator=gen), 4).float()  # confidence 1
+    ours = paired_bootstrap(a, b, labels, resamples=resamples, seed=3)
+    draws = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(3))
+    metrics = ("accuracy", "ece", "nll", "brier")
+
+    def diff(i):
+        ma, mb = compute_metrics(a[i], labels[i]), compute_metrics(b[i], labels[i])
+        return [getattr(ma, m) - getattr(mb, m) for m in metrics]
+
+    ref = torch.tensor([diff(i) for i in draws], dtype=torch.float64)
+    bounds = torch.quantile(ref, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    whole = diff(slice(None))
+    for k, m in enumerate(metrics):  # ECE is float32 in torchmetrics: equal to its rounding, in percent
+        assert ours[m].difference == pytest.approx(whole[k], abs=1e-4)
+        assert (ours[m].low, ours[m].high) == pytest.approx((float(bounds[0, k]), float(bounds[1, k])), abs=1e-4)
+    assert ours["ece"].high - ours["ece"].low > 1  # the intervals have width: the resamples differ
