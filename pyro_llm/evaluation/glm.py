@@ -29,9 +29,10 @@ from ..guides.laplace import LaplaceGuide
 __all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
 
 #: The default bound on padded tokens in one GLM batch. The pass holds a batch's whole forward graph
-#: and one gradient per class, so its memory grows with the tokens: a question of four 128-token
-#: choices is 512 tokens, and eight of them took 9 GB on SmolLM2-135M (docs/RESULTS.md, section 1c).
-GLM_MAX_TOKENS = 2048
+#: and one gradient per class, so its memory grows with the tokens: a HellaSwag question is four
+#: rows of up to 128 tokens, and on SmolLM2-135M four of them (2048 tokens) took 8.4 GB above the
+#: model, two (1024) 4.7 GB (``python -m bench.glm_memory``; docs/RESULTS.md, section 3).
+GLM_MAX_TOKENS = 1024
 
 
 def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: torch.Tensor) -> list[torch.Tensor]:
