@@ -39,8 +39,9 @@ _METRICS = ("accuracy", "ece", "nll", "brier")
 
 def _scores(probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n_bins: int) -> torch.Tensor:
     """``[R, 4]``: accuracy (%), ECE (%), NLL and Brier of ``probs`` on each of ``R`` resamples given
-    as example weights ``[R, N]`` (how often each example was drawn), exactly as
-    :func:`~pyro_llm.evaluation.compute_metrics` scores the resampled examples: a resample's
+    as example weights ``[R, N]`` (how often each example was drawn), as
+    :func:`~pyro_llm.evaluation.compute_metrics` scores the resampled examples (to the float32
+    rounding of torchmetrics' ECE, which it computes in float32): a resample's
     metrics are weighted means, and its ECE the weighted sum over torchmetrics' bins of
     ``|sum (confidence - correct)|``, so every resample costs one matrix product, not a pass of its own."""
     probs, labels = probs.detach().double().cpu(), labels.detach().long().cpu()
