@@ -85,13 +85,12 @@ class EncodedDataset:
         them, such as one under a gradient; a row over the bound on its own is a batch of one.
         Per-row results go back to row order with :func:`in_row_order`."""
         order = sorted(range(len(self)), key=lambda i: -self._lengths[i])  # stable: ties keep row order
-        if max_tokens is None:
-            return [torch.tensor(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+        per_row = self.sequences_per_row
         batches: list[list[int]] = []
         for i in order:  # longest first: a batch's width is its first row's
             last = batches[-1] if batches else None
-            if (last is not None and len(last) < batch_size
-                    and (len(last) + 1) * self.sequences_per_row * self._lengths[last[0]] <= max_tokens):
+            if last is not None and len(last) < batch_size and (
+                    max_tokens is None or (len(last) + 1) * per_row * self._lengths[last[0]] <= max_tokens):
                 last.append(i)
             else:
                 batches.append([i])
