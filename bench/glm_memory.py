@@ -1,15 +1,18 @@
-"""The GLM pass's memory and time against its token bound (``LaplaceConfig.glm_max_tokens``).
+"""The GLM pass's memory and time against its token bound (``LaplaceConfig.glm_max_tokens``) and
+its Jacobian route.
 
-The linearised predictive holds a batch's whole forward graph and one output gradient per class,
-so its memory grows with the batch's padded tokens; a cloze question is one sequence per choice.
-Each bound runs in a process of its own (a process's peak RSS cannot be reset): it loads the
-Laplace run and the examples, notes its peak RSS so far (the floor: model and data), runs one GLM
-pass, and notes the peak again. Reported per bound: the pass's own peak above the floor and its
-seconds, each as a ratio against the unbounded pass (``0``: no bound) measured in the same
-invocation, one process after another on an otherwise idle machine.
+The linearised predictive holds a batch's whole forward graph and its backward, so its memory
+grows with the batch's padded tokens; a cloze question is one sequence per choice. A cloze head's
+rows are its classes, so one backward gives every class's Jacobian (route ``rows``, the default
+for it); the generic route (``classes``) runs a batched backward per class, C backwards' work and
+memory. Each (route, bound) runs in a process of its own (a process's peak RSS cannot be reset):
+it loads the Laplace run and the examples, notes its peak RSS so far (the floor: model and data),
+runs one GLM pass, and notes the peak again. Reported per cell: the pass's own peak above the
+floor and its seconds, each as a ratio against the generic route without a bound (``classes``,
+``0``) measured in the same invocation, one process after another on an otherwise idle machine.
 
     python -m bench.glm_memory runs/study-piqa/piqa-cloze/seed1/laplace-marglik --task hellaswag-cloze \\
-        --limit 16 --max-tokens 0 2048 1024 --out bench/results/glm_memory_hellaswag.json
+        --limit 16 --max-tokens 0 1024 --out bench/results/glm_memory_hellaswag.json
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from bench.common import ROOT, report
 
 
-def _one(run_dir: str, task: str, limit: int, max_tokens: int) -> dict[str, float]:
+def _one(run_dir: str, task: str, limit: int, max_tokens: int, route: str) -> dict[str, float]:
     from pyro_llm.data import get_task
     from pyro_llm.evaluation.glm import glm_logit_moments
     from pyro_llm.runs import load_run, load_split, retarget_head
@@ -34,6 +37,8 @@ def _one(run_dir: str, task: str, limit: int, max_tokens: int) -> dict[str, floa
     run = load_run(run_dir)
     spec = get_task(task)
     retarget_head(run, spec)
+    if route == "classes":  # the generic route: one (batched) backward per class
+        run.model.head.rows_are_classes = False
     data = load_split(run.config, spec, "test", run.tokenizer, limit)
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
@@ -53,25 +58,28 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=16, help="test examples in the pass")
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[0, 2048, 1024], help="bounds; 0: none (the baseline)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: measure one bound
+    ap.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)  # a child: measure ROUTE BOUND
     args = ap.parse_args()
     if args.one is not None:
         task = args.task or json.loads((ROOT / args.run / "config.json").read_text())["run"]["task"]
-        print("RESULT " + json.dumps(_one(args.run, task, args.limit, args.one)))
+        print("RESULT " + json.dumps(_one(args.run, task, args.limit, int(args.one[1]), args.one[0])))
         return
     bounds = [0] + [b for b in args.max_tokens if b != 0]
+    cells = [("classes", 0)] + [(route, b) for route in ("classes", "rows") for b in bounds][1:]
     child = [sys.executable, "-m", "bench.glm_memory", args.run, "--limit", str(args.limit)]
     child += ["--task", args.task] if args.task else []
     measured = {}
-    for bound in bounds:
-        out = subprocess.run([*child, "--one", str(bound)], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-        measured[bound] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-    base = measured[0]
+    for route, bound in cells:
+        out = subprocess.run([*child, "--one", route, str(bound)], capture_output=True, text=True, check=True,
+                             cwd=ROOT).stdout
+        measured[f"{route}/{bound or 'none'}"] = json.loads(
+            next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    base = measured["classes/none"]
     report("glm_memory", {
         "run": args.run, "task": args.task, "limit": args.limit, "torch_threads": torch.get_num_threads(),
-        "by_bound": {str(b or "none"): m for b, m in measured.items()},
-        "pass_memory_ratio": {str(b): m["pass_bytes"] / base["pass_bytes"] for b, m in measured.items() if b},
-        "seconds_ratio": {str(b): m["seconds"] / base["seconds"] for b, m in measured.items() if b},
+        "baseline": "classes/none", "by_cell": measured,
+        "pass_memory_ratio": {k: m["pass_bytes"] / base["pass_bytes"] for k, m in measured.items()},
+        "seconds_ratio": {k: m["seconds"] / base["seconds"] for k, m in measured.items()},
     }, args.out)
 
 

@@ -6,9 +6,12 @@ site weights at the MAP. Per site and class ``c``, ``J_c`` is the matrix ``G_c =
 
     (J Sigma J^T)_{cc'} = sum_sites [ <G_c, G_c'>_F / lambda + sum_ij G~_c,ij G~_c',ij (1/(s_i a_j + lambda) - 1/lambda) ]
 
-All classes' gradients come from one batched backward (``is_grads_batched``; a loop over classes
-where an operation does not support it); classes masked out of every row of a batch (a fifth letter
-that no question in the batch has) are skipped, their logits being constant. Predictive probabilities: the probit approximation
+With a head whose rows are its classes (a cloze head: one row per choice, each logit from its own
+row; ``Head.rows_are_classes``) all classes' gradients are one backward of the logits' sum, each
+row's share being its class's: the work and memory of one backward. Otherwise they come from one
+batched backward over the classes (``is_grads_batched``; a loop over classes where an operation
+does not support it), C backwards' work; classes masked out of every row of a batch (a fifth
+letter that no question in the batch has) are skipped, their logits being constant. Predictive probabilities: the probit approximation
 over the logits' differences (:func:`probit_probs`; shift-invariant, as the exact predictive is) or
 Monte Carlo over logits, averaging probabilities.
 Covariances are computed for several prior precisions at once (for tuning by validation NLL).
@@ -29,9 +32,9 @@ from ..guides.laplace import LaplaceGuide
 __all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
 
 #: The default bound on padded tokens in one GLM batch. The pass holds a batch's whole forward graph
-#: and one gradient per class, so its memory grows with the tokens: a HellaSwag question is four
-#: rows of up to 128 tokens, and on SmolLM2-135M four of them (2048 tokens) took 8.4 GB above the
-#: model, two (1024) 4.7 GB (``python -m bench.glm_memory``; docs/RESULTS.md, section 3).
+#: and its backward, so its memory grows with the tokens: a HellaSwag question is four rows of up
+#: to 128 tokens, and on SmolLM2-135M (one backward, the cloze head) four of them (2048 tokens) took
+#: 4.2 GB above the model, two (1024) 2.5 GB (``python -m bench.glm_memory``; docs/RESULTS.md, section 3).
 GLM_MAX_TOKENS = 1024
 
 
@@ -46,6 +49,30 @@ def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: tor
     except RuntimeError:
         per_class = [torch.autograd.grad(logits[:, int(c)].sum(), outputs, retain_graph=True) for c in classes]
         return [torch.stack([g[i] for g in per_class]) for i in range(len(outputs))]
+
+
+def _per_class_jacobians(logits: torch.Tensor, captured: list[tuple[torch.Tensor, torch.Tensor]],
+                         active: torch.Tensor, rows_are_classes: bool) -> list[torch.Tensor]:
+    """Each site's per-example, per-class Jacobian matrices ``G [B, Ca, d_out, d_in]`` of the
+    ``active`` classes' logits (``captured``: each site's input and output in the forward)."""
+    B, C = logits.shape
+    outputs = [out for _, out in captured]
+    if rows_are_classes:  # one backward: row (b, c)'s gradient is d logit[b, c] / d output, alone
+        grads = torch.autograd.grad(logits.sum(), outputs)
+        jac = []
+        for (x, _), g in zip(captured, grads):
+            if x.shape[0] != B * C:
+                raise ValueError(f"a head with rows_are_classes must run {B} x {C} rows; a site saw {x.shape[0]}")
+            a = x.reshape(B, C, -1, x.shape[-1])[:, active].double()
+            g = g.reshape(B, C, -1, g.shape[-1])[:, active].double()
+            jac.append(torch.einsum("bcto,bcti->bcoi", g, a))
+        return jac
+    jac = []
+    for (x, _), g in zip(captured, _class_grads(logits, outputs, active)):
+        a = x.reshape(B, -1, x.shape[-1]).double()
+        g = g.reshape(len(active), B, -1, g.shape[-1]).double()
+        jac.append(torch.einsum("cbto,bti->bcoi", g, a))
+    return jac
 
 
 def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
@@ -73,6 +100,7 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
             captured[name] = (inputs[0].detach(), output)
         return fn
 
+    rows_are_classes = bool(getattr(model.head, "rows_are_classes", False))
     batches = data.by_length(batch_size, max_tokens)
     handles = [s.module.register_forward_hook(hook(s.name)) for s in model.sites]
     values = {k: v.detach().requires_grad_(True) for k, v in guide.median().items()}
@@ -84,14 +112,11 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
                 logits = model.logits_at(batch, values)
                 # a class masked out of every row has a constant logit: zero Jacobian, no backward needed
                 active = torch.nonzero(batch["choice_mask"].any(0)).flatten()
-                grads = _class_grads(logits, [captured[n][1] for n in names], active)
+                jacobians = _per_class_jacobians(logits, [captured[n] for n in names], active, rows_are_classes)
             B, C = logits.shape
             Ca = len(active)
             cov_a = torch.zeros(lams.shape[0], B, Ca, Ca, dtype=torch.float64, device=device)
-            for i, (name, g) in enumerate(zip(names, grads)):
-                a = captured[name][0].reshape(B, -1, captured[name][0].shape[-1]).double()
-                g = g.reshape(Ca, B, -1, g.shape[-1]).double()
-                G = torch.einsum("cbto,bti->bcoi", g, a)  # per-example Jacobian matrices
+            for i, (name, G) in enumerate(zip(names, jacobians)):
                 block = guide.blocks[name]
                 Gt = block.project(G)
                 frob = torch.einsum("bcoi,bdoi->bcd", G, G)

@@ -13,6 +13,13 @@ __all__ = ["Head", "AnswerTokenHead", "ChoiceLikelihoodHead", "SequenceClassific
 
 
 class Head(Protocol):
+    """Maps a (peft) model and a batch to class logits ``[batch, classes]``.
+
+    A head may also declare ``rows_are_classes = True``: under a gradient its forward runs one row
+    per (example, class), example-major, and each class logit depends on its own row alone. Then
+    one backward of the logits' sum gives every class's gradient at once (each row's share of it),
+    where a head without the attribute needs a backward per class (the GLM predictive uses it)."""
+
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -71,6 +78,8 @@ class ChoiceLikelihoodHead:
     per module, and a handler may give each row its own weights (Flipout's signs), which a shared
     context would not honour."""
 
+    #: under a gradient each choice is its own row, example-major, scored from that row alone
+    rows_are_classes = True
     #: positions whose vocabulary logits are formed at once
     chunk = 1024
     #: share the context only when that leaves at most this fraction of a batch's token positions:

@@ -209,3 +209,56 @@ def test_glm_batches_stay_within_the_token_bound_and_give_the_same_moments(tiny_
     # float32 forwards of other batch shapes: equal to float32's rounding
     torch.testing.assert_close(bounded[0], whole[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(bounded[1], whole[1], rtol=1e-4, atol=1e-4 * float(whole[1].abs().max()))
+
+
+def test_glm_of_a_cloze_head_takes_one_backward_and_equals_the_dense_jacobian_algebra(tiny_llama, monkeypatch):
+    """A cloze head's rows are its classes: the GLM pass takes every class's Jacobian from one
+    backward of the logits' sum (not a backward per class), and its covariances equal ``J Sigma J^T``
+    with ``J`` by autograd through the weights, one class at a time, and ``Sigma`` the dense inverse."""
+    from pyro_llm.evaluation.glm import glm_logit_moments
+    from pyro_llm.guides import LaplaceGuide
+    from pyro_llm.infer.laplace import blocks_from_factors
+
+    task = get_task("arc-easy-cloze")
+    model, tok = build_model(str(tiny_llama), task)
+    assert model.head.rows_are_classes
+    with torch.no_grad():
+        for p in model.params.values():
+            p.normal_(0, 0.1)
+    data = encode_examples(load_examples(task, "train", limit=4), tok, task.num_classes, max_length=96)
+    assert not data.choice_mask.all()  # some question has fewer choices: masked classes included
+    factors = fit_kfac(model, data, KFACConfig(fisher="empirical", n_kfac=8, batch_size=4), progress=False)
+    guide = LaplaceGuide(model, blocks_from_factors(model, factors), 1.0)
+    calls: list[bool] = []
+    grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(bool(kwargs.get("is_grads_batched", False)))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    mean, cov = glm_logit_moments(guide, data, torch.tensor([0.5]), batch_size=2, max_tokens=None, progress=False)
+    assert calls == [False, False]  # two batches, one plain backward each
+    calls.clear()
+    model.head.rows_are_classes = False  # the generic route: a backward per class, batched
+    mean_b, cov_b = glm_logit_moments(guide, data, torch.tensor([0.5]), batch_size=2, max_tokens=None,
+                                      progress=False)
+    assert calls == [True, True]
+    monkeypatch.undo()
+    torch.testing.assert_close(mean, mean_b)
+    torch.testing.assert_close(cov, cov_b, rtol=1e-4, atol=1e-4 * float(cov.abs().max()))
+
+    names = model.site_names
+    cov_dense = torch.block_diag(*[torch.linalg.inv(guide.blocks[n].to_matrix(0.5)) for n in names])
+    values = {n: v.clone().requires_grad_(True) for n, v in guide.median().items()}
+    for i in range(len(data)):
+        batch = data.batch(torch.tensor([i]))
+        logits = model.logits_at(batch, values)[0]
+        classes = torch.nonzero(batch["choice_mask"][0]).flatten().tolist()
+        J = torch.stack([torch.cat([g.flatten() for g in grad(logits[c], [values[n] for n in names],
+                                                              retain_graph=True)]) for c in classes]).double()
+        # float32 Jacobians by two routes (output gradients x inputs against autograd through the
+        # weights) agree to float32's rounding accumulated over the tokens
+        torch.testing.assert_close(cov[0, i][classes][:, classes], J @ cov_dense @ J.T, rtol=1e-4,
+                                   atol=1e-4 * float(cov[0, i].abs().max()))
+        assert cov[0, i].diagonal()[classes].min() > 0
