@@ -11,9 +11,11 @@ row; ``Head.rows_are_classes``) all classes' gradients are one backward of the l
 row's share being its class's: the work and memory of one backward. Otherwise they come from one
 batched backward over the classes (``is_grads_batched``; a loop over classes where an operation
 does not support it), C backwards' work; classes masked out of every row of a batch (a fifth
-letter that no question in the batch has) are skipped, their logits being constant. Predictive probabilities: the probit approximation
-over the logits' differences (:func:`probit_probs`; shift-invariant, as the exact predictive is) or
-Monte Carlo over logits, averaging probabilities.
+letter that no question in the batch has) are skipped, their logits being constant.
+
+Predictive probabilities: the probit approximation over the logits' differences
+(:func:`probit_probs`; shift-invariant, as the exact predictive is) or Monte Carlo over logits,
+averaging probabilities.
 Covariances are computed for several prior precisions at once (for tuning by validation NLL).
 """
 
