@@ -157,18 +157,24 @@ def bench_parser(doc: str, memory_variants: list[str], examples: int = 8, repeat
     return ap
 
 
+def child_output(argv: list[str], tag: str) -> str:
+    """Run ``python -m <argv>`` from the project root (a benchmark measuring one variant in a
+    process of its own, where peak memory starts from nothing) and return what follows ``tag`` on
+    the first line of its standard output that starts with it."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return next(line for line in out.splitlines() if line.startswith(tag + " "))[len(tag) + 1:]
+
+
 def subprocess_peak(module: str, variant: str) -> float:
     """Peak memory of ``variant`` measured by re-running the benchmark ``module`` (``bench.bench_blob``)
     alone with ``--memory-of``."""
-    import subprocess
-
     argv = list(sys.argv[1:])
     if "--out" in argv:
         i = argv.index("--out")
         del argv[i:i + 2]
-    out = subprocess.run([sys.executable, "-m", module, *argv, "--memory-of", variant], capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout
-    return float(next(line for line in out.splitlines() if line.startswith("PEAK ")).split()[1])
+    return float(child_output([module, *argv, "--memory-of", variant], "PEAK").split()[0])
 
 
 def fwd_bwd_floor(model: BayesianLoRAModel, data, batch_size: int, device: torch.device) -> None:
@@ -189,6 +195,6 @@ def report(name: str, result: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-__all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "bench_parser", "describe",
+__all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "bench_parser", "child_output", "describe",
            "fwd_bwd_floor", "interleaved", "interleaved_samples", "load_base", "medians",
            "median_ci", "paired_ratios", "peak_memory", "ratio_summary", "report", "subprocess_peak", "sync"]

@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
 
-from bench.common import ROOT, report
+from bench.common import ROOT, child_output, report
 
 
 def _one(run_dir: str, task: str, limit: int, max_tokens: int, route: str) -> dict[str, float]:
@@ -66,14 +64,10 @@ def main() -> None:
         return
     bounds = [0] + [b for b in args.max_tokens if b != 0]
     cells = [("classes", 0)] + [(route, b) for route in ("classes", "rows") for b in bounds][1:]
-    child = [sys.executable, "-m", "bench.glm_memory", args.run, "--limit", str(args.limit)]
+    child = ["bench.glm_memory", args.run, "--limit", str(args.limit)]
     child += ["--task", args.task] if args.task else []
-    measured = {}
-    for route, bound in cells:
-        out = subprocess.run([*child, "--one", route, str(bound)], capture_output=True, text=True, check=True,
-                             cwd=ROOT).stdout
-        measured[f"{route}/{bound or 'none'}"] = json.loads(
-            next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    measured = {f"{route}/{bound or 'none'}": json.loads(child_output([*child, "--one", route, str(bound)], "RESULT"))
+                for route, bound in cells}
     base = measured["classes/none"]
     report("glm_memory", {
         "run": args.run, "task": args.task, "limit": args.limit, "torch_threads": torch.get_num_threads(),

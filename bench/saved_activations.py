@@ -56,7 +56,7 @@ def main() -> None:
     task = get_task(args.task)
     model, tok = build_model(args.model, task)
     data = encode_examples(load_examples(task, "train", limit=64), tok, task.num_classes, max_length=args.max_length)
-    batch = data.batch(max(data.by_length(args.batch_size), key=lambda idx: data.batch(idx)["input_ids"].numel()))
+    batch = max((data.batch(idx) for idx in data.by_length(args.batch_size)), key=lambda b: b["input_ids"].numel())
     tokens = batch["input_ids"].numel()
     kinds = saved_bytes(model, batch)
     total = sum(kinds.values())
