@@ -97,8 +97,15 @@ def test_choices_share_their_context_pass_at_prediction_and_score_as_whole_rows(
     # the contexts ran once per question, not once per choice; never more tokens than whole rows
     assert shared_tokens < 0.8 * whole_tokens if saves else shared_tokens == whole_tokens
     assert switched_off_tokens == whole_tokens  # switched off, prediction runs whole rows
-    real = shared.view(samples, len(data), -1)[:, data.choice_mask]
-    assert (real[0] - real[1]).abs().min() > 1e-4  # each weight sample scores its own rows
+    # each weight sample scores its own rows: as the same rows run with that sample alone
+    single = {k: v[:len(data)] for k, v in batch.items()}
+    per_sample = shared.view(samples, len(data), -1)
+    real = per_sample[:, data.choice_mask]
+    assert (real[0] - real[1]).abs().max() > 0.05  # the samples' scores differ, so the check can fail
+    with torch.no_grad():
+        for i in range(samples):
+            alone = model.logits_at(single, {name: v[i:i + 1] for name, v in values.items()})
+            torch.testing.assert_close(alone.view(len(data), -1)[data.choice_mask], real[i], rtol=1e-4, atol=1e-4)
 
 
 def test_the_context_is_cut_from_the_left_and_the_choice_kept_whole(tiny_llama):
