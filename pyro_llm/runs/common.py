@@ -173,20 +173,21 @@ def evaluation_limit(cfg: RunConfig, limit: int | None) -> int | None:
 
 
 def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any, suffix: str = "",
-          extra: dict[str, Any] | None = None) -> tuple[Metrics, torch.Tensor]:
-    """The evaluation every run kind shares: point the head at ``task``, read ``split``, predict
-    with ``predict(data) -> probs``, then record metrics, predictions and the reliability diagram
-    under ``<task>/<split><suffix>``."""
+          extra: dict[str, Any] | None = None) -> tuple[Metrics, torch.Tensor, torch.Tensor]:
+    """The evaluation every run kind shares: point the head at ``task``, read ``split`` (a seeded
+    subset of ``limit`` examples, ``None``: all; a test evaluation passes
+    :func:`evaluation_limit`'s), predict with ``predict(data) -> probs``, then record metrics,
+    predictions and the reliability diagram under ``<task>/<split><suffix>``. Returns the metrics,
+    the probabilities and the labels."""
     cfg = run.config
     retarget_head(run, task)
-    limit = evaluation_limit(cfg, limit)
     data = load_split(cfg, task, split, run.tokenizer, limit)
     probs = predict(data)
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.eval.ece_bins)
     # the limit is recorded with the predictive's facts: together they name the examples and draws
     record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels,
                    {**(extra or {}), "limit": limit})
-    return metrics, probs
+    return metrics, probs, data.labels
 
 
 def recorded_predictions(run_dir: Path, task: TaskSpec, split: str, facts: dict[str, Any],

@@ -30,7 +30,7 @@ from ..infer.laplace import fit_laplace, tune_prior_precision
 from ..checks import check_int
 from ..io import CorruptFileError, atomic_write_json, read_json
 from ..models import build_model, lora_options_from_adapter, resolve_device
-from .common import load_split, read_config, run_config_of, score, write_config
+from .common import evaluation_limit, load_split, read_config, run_config_of, score, write_config
 from .config import LaplaceConfig, RunConfig
 from .folder import RunFolder
 from .registry import PREDICTIVES, lookup
@@ -105,7 +105,7 @@ class LaplaceRun:
         another than the run's); every random draw comes from ``seed`` (default: the run's)."""
         predict, facts = self.predictor(predictive, samples, seed, progress)
         suffix = "" if facts["predictive"] == self.lconfig.predictive else f"/{facts['predictive']}"
-        metrics, _ = score(self, task, split, limit, predict, suffix, facts)
+        metrics, _, _ = score(self, task, split, evaluation_limit(self.config, limit), predict, suffix, facts)
         return metrics
 
 

@@ -13,8 +13,8 @@ from ..checks import check_int, check_real
 from ..data import EncodedDataset, TaskSpec, get_task
 from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, temper
 from ..io import atomic_write_json
-from .common import (LoadedRun, evaluation_limit, load_split, read_config, record_metrics, recorded_predictions,
-                     retarget_head, score)
+from .common import (LoadedRun, evaluation_limit, load_split, read_config, recorded_predictions, retarget_head,
+                     score)
 from .laplace import LaplaceRun, load_laplace_run
 from .svi import load_svi_run, svi_predictor
 from .zero_shot import load_zero_shot_run
@@ -67,15 +67,11 @@ def _temperature(run: Run, predict: Predict, temperature: str | float, limit: in
         value = float(temperature)
         check_real("temperature", value, low=0, low_open=True)
         return value
-    retarget_head(run, run.task)
     recorded = recorded_predictions(run.run_dir, run.task, "validation", facts, limit)
     if recorded is None:
-        val = load_split(run.config, run.task, "validation", run.tokenizer, limit)
-        probs = predict(val).float()
-        record_metrics(run.run_dir, f"{run.task.name}/validation/evaluate-{tag}",
-                       compute_metrics(probs, val.labels, n_bins=run.config.eval.ece_bins), probs, val.labels,
-                       {**facts, "limit": limit})
-        recorded = (probs, val.labels)
+        _, probs, labels = score(run, run.task, "validation", limit, lambda data: predict(data).float(),
+                                 f"/evaluate-{tag}", facts)
+        recorded = (probs, labels)
     return fit_temperature_to_probs(*recorded)
 
 
@@ -124,7 +120,8 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
         tag += "-Tval" if temperature == "validation" else f"-T{T:g}"
         facts = {**facts, "temperature": T}
     tag = f"evaluate-{tag}" if record_as is None else record_as
-    metrics, _ = score(run, spec, split, limit, predict, f"/{tag}" if tag else "", facts)
+    metrics, _, _ = score(run, spec, split, evaluation_limit(run.config, limit), predict, f"/{tag}" if tag else "",
+                          facts)
     return metrics
 
 

@@ -17,7 +17,7 @@ from ..guides import scale_summary, write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
 from ..models import lora_dropout_active
-from .common import LoadedRun, build_for, load_split, process_group, rebuild, run_config_of, score, write_config
+from .common import LoadedRun, build_for, evaluation_limit, load_split, process_group, rebuild, run_config_of, score, write_config
 from .config import RunConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
@@ -127,4 +127,6 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
     """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive (:func:`svi_predictor`)."""
     seed = run.config.optim.seed if seed is None else seed
     predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress, desc=f"eval {task.name}")
-    return score(run, task, split, limit, predict, suffix, extra={"samples": n, "seed": seed})
+    metrics, probs, _ = score(run, task, split, evaluation_limit(run.config, limit), predict, suffix,
+                              extra={"samples": n, "seed": seed})
+    return metrics, probs
