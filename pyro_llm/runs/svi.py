@@ -17,7 +17,8 @@ from ..guides import scale_summary, write_back_means
 from ..infer import SVITrainer, load_params, save_params
 from ..io import atomic_write_json
 from ..models import lora_dropout_active
-from .common import LoadedRun, build_for, evaluation_limit, load_split, process_group, rebuild, run_config_of, score, write_config
+from .common import (LoadedRun, build_for, evaluation_limit, load_split, process_group, rebuild, run_config_of, score,
+                     write_config)
 from .config import RunConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
