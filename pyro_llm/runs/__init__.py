@@ -23,6 +23,6 @@ __all__ = [
     "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
     "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_ensemble", "evaluate_loaded",
     "is_run", "laplace", "load_laplace_run", "load_predictions", "load_run", "load_split", "load_svi_run",
-    "load_zero_shot_run", "make_guide", "predictor", "read_config", "record_metrics", "resolve_adapter", "retarget_head", "run_config_of",
-    "svi_predictor", "train", "zero_shot",
+    "load_zero_shot_run", "make_guide", "predictor", "read_config", "record_metrics", "resolve_adapter",
+    "retarget_head", "run_config_of", "svi_predictor", "train", "zero_shot",
 ]

@@ -37,7 +37,8 @@ from ..models import BayesianLoRAModel, build_model, head_for, resolve_device
 from .config import RunConfig
 
 __all__ = ["LoadedRun", "build_for", "evaluation_limit", "load_predictions", "load_split", "process_group",
-           "model_name_for", "read_config", "rebuild", "record_metrics", "recorded_predictions", "retarget_head", "run_config_of", "score", "write_config"]
+           "model_name_for", "read_config", "rebuild", "record_metrics", "recorded_predictions", "retarget_head",
+           "run_config_of", "score", "write_config"]
 
 log = logging.getLogger(__name__)
 
