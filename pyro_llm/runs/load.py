@@ -107,12 +107,12 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
         check_real("temperature", float(temperature), low=0, low_open=True)
     run = load_run(run_dir, device=device, cache=cache)
     spec = get_task(task) if task else run.task
+    limit = evaluation_limit(run.config, limit)  # the examples read, recorded and reused
     predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
     if temperature is not None:
         T = _temperature(run, predict, temperature, validation_limit, tag, facts)
         # the same draws on the same examples, already recorded (e.g. at the end of training), are reused
-        untempered = _reusing(predict, recorded_predictions(run.run_dir, spec, split, facts,
-                                                            evaluation_limit(run.config, limit)))
+        untempered = _reusing(predict, recorded_predictions(run.run_dir, spec, split, facts, limit))
 
         def predict(data: EncodedDataset) -> torch.Tensor:
             return temper(untempered(data), T)
@@ -120,8 +120,7 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
         tag += "-Tval" if temperature == "validation" else f"-T{T:g}"
         facts = {**facts, "temperature": T}
     tag = f"evaluate-{tag}" if record_as is None else record_as
-    metrics, _, _ = score(run, spec, split, evaluation_limit(run.config, limit), predict, f"/{tag}" if tag else "",
-                          facts)
+    metrics, _, _ = score(run, spec, split, limit, predict, f"/{tag}" if tag else "", facts)
     return metrics
 
 
