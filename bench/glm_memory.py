@@ -63,7 +63,7 @@ def main() -> None:
         print("RESULT " + json.dumps(_one(args.run, task, args.limit, int(args.one[1]), args.one[0])))
         return
     bounds = [0] + [b for b in args.max_tokens if b != 0]
-    cells = [("classes", 0)] + [(route, b) for route in ("classes", "rows") for b in bounds][1:]
+    cells = [(route, b) for route in ("classes", "rows") for b in bounds]  # first: the baseline, classes/none
     child = ["bench.glm_memory", args.run, "--limit", str(args.limit)]
     child += ["--task", args.task] if args.task else []
     measured = {f"{route}/{bound or 'none'}": json.loads(child_output([*child, "--one", route, str(bound)], "RESULT"))
