@@ -31,11 +31,12 @@ def corpus(task: str = "arc-easy", n: int = 64) -> list[str]:
             for e in load_examples(task, s, limit=n)]
 
 
-def save_tiny_llama(path: Path, task: str = "arc-easy", hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_llama(path: Path, task: str = "arc-easy", hidden: int = 32, layers: int = 2, seed: int = 0,
+                    tie: bool = False) -> Path:
     tok = word_tokenizer(corpus(task))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

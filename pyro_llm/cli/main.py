@@ -103,13 +103,15 @@ _SVI_PATHS: dict[str, tuple[str, ...]] = {
     "max_length": ("data", "max_length"), "train_limit": ("data", "train_limit"), "test_limit": ("data", "test_limit"),
     "split_fractions": ("data", "split_fractions"),
     "rank": ("lora", "rank"), "alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
-    "targets": ("lora", "target_modules"), "prior": ("prior", "name"), "prior_scale": ("prior", "scale"),
+    "targets": ("lora", "target_modules"), "class_head": ("lora", "class_head"),
+    "blob_gamma": ("objective", "blob_gamma"), "kl_cycles": ("objective", "kl_cycles"),
+    "eval_flipout": ("eval", "flipout"), "prior": ("prior", "name"), "prior_scale": ("prior", "scale"),
     "guide": ("guide", "name"), "flipout": ("guide", "flipout"), "elbo": ("objective", "elbo"),
     "kl_schedule": ("objective", "kl_schedule"), "kl_weight": ("objective", "kl_weight"),
     "kl_anneal_steps": ("objective", "kl_anneal_steps"), "eval_samples": ("eval", "samples"),
     "eval_batch_size": ("eval", "batch_size"), "max_rows": ("eval", "max_rows"), "ece_bins": ("eval", "ece_bins"),
     **{k: ("optim", k) for k in ("steps", "batch_size", "lr", "g_lr", "g_optimizer", "warmup_ratio", "decay",
-                                 "weight_decay", "seed", "checkpoint_every")}}
+                                 "weight_decay", "seed", "checkpoint_every", "split_kl")}}
 
 
 def _nested(values: dict[str, Any], paths: dict[str, tuple[str, ...]]) -> dict[str, Any]:
@@ -147,6 +149,8 @@ o, g, ob, e = _RUN.optim, _RUN.guide, _RUN.objective, _RUN.eval
                                                                  "at evaluation).")
 @click.option("--targets", default=None, help="Comma-separated LoRA target modules (default: the model's query and "
                                               "value projections).")
+@click.option("--class-head/--no-class-head", default=_RUN.lora.class_head,
+              help="LoRA on the output layer too (lm_head; the BLoB reference's --apply-classhead-lora).")
 @click.option("--prior", default=_RUN.prior.name, type=click.Choice(list(PRIORS)))
 @click.option("--prior-scale", default=_RUN.prior.scale, help="Prior std (Gaussian) or scale.")
 @click.option("--b-site/--b-param", default=_RUN.model.b_site, help="Make B a sample site too (default: a parameter).")
@@ -157,7 +161,15 @@ o, g, ob, e = _RUN.optim, _RUN.guide, _RUN.objective, _RUN.eval
 @click.option("--kl-schedule", default=ob.kl_schedule, type=click.Choice(list(KL_SCHEDULES)))
 @click.option("--kl-weight", default=ob.kl_weight, help="KL weight (constant) or final weight (linear).")
 @click.option("--kl-anneal-steps", default=ob.kl_anneal_steps)
+@click.option("--blob-gamma", default=ob.blob_gamma,
+              help="KL schedule blob: cycle length M = int(100 N^(pi/gamma) / batch) (the reference's rescaling).")
+@click.option("--kl-cycles", default=ob.kl_cycles, help="KL schedule blob-cycles: cycles completed within --steps.")
+@click.option("--split-kl/--no-split-kl", default=o.split_kl,
+              help="The BLoB reference's update: AdamW on the likelihood's gradient, then SGD at --g-lr on the "
+                   "KL's gradient for every parameter.")
 @click.option("--eval-samples", default=e.samples, help="Weight samples N at evaluation (0: mean weights).")
+@click.option("--eval-flipout/--no-eval-flipout", default=e.flipout,
+              help="Flipout on in the N evaluation passes (the BLoB reference's evaluation).")
 @click.option("--eval-batch-size", default=e.batch_size)
 @click.option("--max-rows", default=e.max_rows, help="Bound on rows per forward pass when samples are batched.")
 @click.option("--ece-bins", default=e.ece_bins)

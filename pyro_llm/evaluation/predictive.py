@@ -4,6 +4,9 @@ Probabilities are averaged, never logits. The ``N`` weight samples are evaluated
 sample dimension is folded into the batch (each site's value gets a leading ``S`` dimension and
 the batch is stacked ``S`` times, see :func:`pyro_llm.models.lora.lora_product`), in chunks of at
 most ``max_rows`` rows so memory stays bounded. ``num_samples = 0`` evaluates the guide's mean.
+With ``flipout=True`` (the BLoB reference's evaluation) each of the ``N`` passes runs under the
+Flipout handler, so every token sees its own sign-flipped perturbation of the pass's draw; those
+passes are not stacked (the handler leaves stacked samples alone).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from tqdm.auto import tqdm
 from ..data.collate import EncodedDataset, in_row_order
 from ..guides.ops import guide_median, guide_sample
 from ..models.model import BayesianLoRAModel
+from ..poutine import FlipoutMessenger
 
 __all__ = ["predict_proba", "mean_logits"]
 
@@ -35,13 +39,15 @@ def _chunks(total: int, size: int) -> Iterator[int]:
 @torch.no_grad()
 def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *, num_samples: int = 10,
                   batch_size: int = 8, max_rows: int = 64, device: torch.device | str | None = None,
-                  progress: bool = True, desc: str = "predict", resample_guide: bool = True) -> torch.Tensor:
+                  progress: bool = True, desc: str = "predict", resample_guide: bool = True,
+                  flipout: bool = False) -> torch.Tensor:
     """Predictive probabilities ``[len(data), C]`` under ``guide``.
 
     :param num_samples: weight samples ``N`` (``0``: the guide's mean/median weights).
     :param max_rows: bound on rows per forward pass (``samples x batch``); lower it to save memory.
     :param resample_guide: draw weights from the guide per sample (``False``: the guide's median
         every time, the randomness coming from the network itself, e.g. MC dropout).
+    :param flipout: every pass under Flipout (module docstring); one sample per forward pass.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
@@ -56,6 +62,15 @@ def predict_proba(model: BayesianLoRAModel, guide: Any, data: EncodedDataset, *,
             out.append(probs.cpu())
             continue
         acc = torch.zeros(rows, data.choice_mask.shape[1], dtype=torch.float64, device=device)
+        if flipout and resample_guide:
+            handler = FlipoutMessenger(sites=model.site_names)
+            for _ in range(num_samples):
+                with handler:
+                    draw = guide_sample(guide, batch, model.site_names)
+                    logits = model.logits_at(_stack_batch(batch, 1), draw)
+                acc += logits.softmax(-1).double()
+            out.append((acc / num_samples).float().cpu())
+            continue
         per_pass = max(1, max_rows // rows)
         for s in _chunks(num_samples, per_pass):
             draws = [guide_sample(guide, batch, model.site_names) if resample_guide else guide_median(guide, batch)

@@ -6,10 +6,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoNormal
 
 from ..models.model import BayesianLoRAModel
 
-__all__ = ["ReportsScales", "guide_median", "guide_sample", "scale_summary", "write_back_means"]
+__all__ = ["ReportsScales", "guide_median", "guide_sample", "guide_scales", "scale_summary", "write_back_means"]
 
 
 @runtime_checkable
@@ -44,18 +45,33 @@ def guide_sample(guide: Any, batch: dict[str, torch.Tensor], sites: list[str]) -
 
 
 
+def guide_scales(guide: Any) -> dict[str, torch.Tensor] | None:
+    """Every site's posterior standard deviations: a guide's own :meth:`ReportsScales.scales`, or
+    Pyro's ``AutoNormal``'s (whose ``scales`` attribute is a module of unconstrained parameters,
+    not that method); ``None`` for a guide that reports none."""
+    if isinstance(guide, AutoNormal):
+        if guide.prototype_trace is None:
+            return None
+        names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        with torch.no_grad():
+            return {name: guide._get_loc_and_scale(name)[1].detach() for name in names}
+    if isinstance(guide, ReportsScales) and not isinstance(guide.scales, torch.nn.Module):
+        return guide.scales()
+    return None
+
+
 def scale_summary(guide: Any) -> dict[str, dict[str, float]] | None:
     """Per site, and over all sites, the mean, median, minimum and maximum of the guide's posterior
     standard deviations (``None`` for a guide that does not report them, :class:`ReportsScales`):
     where a Bayesian LoRA is uncertain, and whether its scales left their initialisation."""
-    if not isinstance(guide, ReportsScales):
+    scales = guide_scales(guide)
+    if scales is None:
         return None
 
     def stats(t: torch.Tensor) -> dict[str, float]:
         t = t.detach().double().flatten().cpu()
         return {"mean": float(t.mean()), "median": float(t.median()), "min": float(t.min()), "max": float(t.max())}
 
-    scales = guide.scales()
     out = {name: stats(s) for name, s in scales.items()}
     out["all sites"] = stats(torch.cat([s.flatten() for s in scales.values()]))
     return out

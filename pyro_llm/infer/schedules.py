@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-__all__ = ["KLSchedule", "ConstantKL", "LinearKLAnnealing", "BlobKLReweighting", 
+__all__ = ["KLSchedule", "ConstantKL", "LinearKLAnnealing", "BlobKLReweighting", "blob_cycle_length",
            "warmup_decay"]
 
 
@@ -49,6 +49,10 @@ class BlobKLReweighting:
     cycling over ``1..M`` minibatches of an epoch. Multiplying by ``N`` gives the exact ELBO's
     likelihood term ``(N/B) sum NLL`` plus ``N pi_i KL``, i.e. ``w_i = N pi_i``. For large ``M``
     ``pi_i`` underflows to 0 for early ``i``; it is computed in log space.
+
+    The cycle length ``M`` (``batches_per_epoch``) is the number of minibatches of an epoch in
+    Blundell et al.; the BLoB reference's Llama recipe sets it by dataset rescaling instead
+    (:func:`blob_cycle_length`).
     """
 
     dataset_size: int
@@ -61,18 +65,29 @@ class BlobKLReweighting:
         return self.dataset_size * math.exp(log_pi)
 
 
+def blob_cycle_length(dataset_size: int, batch_size: int, gamma: float = 8.0) -> int:
+    """The BLoB reference's cycle length under ``--bayes-datasetrescaling``:
+    ``M = int(100 * N^(pi / gamma) / B)`` (``pi`` the number 3.14159..., not a KL weight), at least 1.
+    SST-2's 87 training sentences at batch 8 give 72, ARC-Easy's 2251 questions at batch 4 give 518."""
+    if dataset_size < 1 or batch_size < 1 or not gamma > 0:
+        raise ValueError(f"blob_cycle_length needs N >= 1, B >= 1, gamma > 0; got {dataset_size}, {batch_size}, {gamma}")
+    return max(int(100 * dataset_size ** (math.pi / gamma) / batch_size), 1)
+
+
 def warmup_decay(total_steps: int, warmup_ratio: float, decay: str = "linear") -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_ratio * total`` steps, then linear decay to 0
-    (``decay="linear"``) or constant (``decay="constant"``)."""
-    warm = int(round(warmup_ratio * total_steps))
+    """LR multiplier: linear warm-up from 0 over ``warmup_ratio * total`` steps, then linear decay to 0
+    (``decay="linear"``) or constant (``decay="constant"``): transformers'
+    ``get_linear_schedule_with_warmup``, which the BLoB reference uses for both its optimisers
+    (the warm-up length is not rounded, and the first step's factor is 0)."""
+    warm = warmup_ratio * total_steps
     if decay not in ("linear", "constant"):
         raise ValueError(f"decay must be 'linear' or 'constant', got {decay!r}")
 
     def factor(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
+        if step < warm:
+            return step / max(1.0, warm)
         if decay == "constant":
             return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+        return max(0.0, (total_steps - step) / max(1.0, total_steps - warm))
 
     return factor

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_choice, check_int, check_real
 from ..data.collate import EncodedDataset
+from ..guides.ops import guide_scales
 from ..guides.roles import LOC, SCALE, param_roles
 from ..models.model import BayesianLoRAModel
 from ..poutine import FlipoutMessenger, kl_weight
@@ -68,6 +69,11 @@ class OptimConfig:
     #: docs/RESULTS.md). On small adapters with more data 0.1 can be better (MiniLM SST-2, README).
     g_lr: float = 1e-2
     g_optimizer: str = "sgd"
+    #: The BLoB reference's two-optimiser update: the main optimiser (AdamW) steps on the
+    #: likelihood's gradient alone; then the KL term's gradient, taken at the updated means, is
+    #: applied to *every* parameter by plain SGD at ``g_lr`` (the scales keep their likelihood
+    #: gradient and add the KL's). Off: one backward of NLL + KL, each parameter by its own optimiser.
+    split_kl: bool = False
     grad_clip: float | None = None
     checkpoint_every: int = 50
     seed: int = 0
@@ -84,6 +90,11 @@ class OptimConfig:
         check_real("grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
         check_choice("decay", self.decay, ("linear", "constant"))
         check_choice("g_optimizer", self.g_optimizer, ("sgd", "adamw"))
+        if not isinstance(self.split_kl, bool):
+            raise ValueError(f"split_kl must be true or false, got {self.split_kl!r}")
+        if self.split_kl and self.g_optimizer != "sgd":
+            raise ValueError("split_kl applies the KL's gradient by SGD at g_lr (the BLoB reference); "
+                             "it needs g_optimizer='sgd'")
 
 
 def _optimizer(cls: type[torch.optim.Optimizer], params: list[torch.Tensor], **kwargs: Any) -> torch.optim.Optimizer:
@@ -146,6 +157,12 @@ class SVITrainer:
                 stack.enter_context(kl_weight(weight=w, sites=self.model.site_names))
             return self.elbo.differentiable_loss(self.model, self.guide, **batch) / n
 
+    def kl_loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The weighted KL term of :meth:`loss` alone, at the parameters' current values: the same
+        ELBO of the guide against the model's sites without the network (``model.sample_sites``)."""
+        with kl_weight(weight=self.kl_schedule(step), sites=self.model.site_names):
+            return self.elbo.differentiable_loss(self.model.sample_sites, self.guide) / self._examples(batch)
+
     # -- set-up ------------------------------------------------------------------------------------
     def _setup(self, batch: dict[str, torch.Tensor]) -> None:
         with poutine.trace(param_only=True) as tr:
@@ -163,6 +180,10 @@ class SVITrainer:
             else:
                 self.optimizers.append(_optimizer(torch.optim.AdamW, g_params, lr=cfg.g_lr, eps=cfg.adam_eps,
                                                   weight_decay=0.0))
+        if cfg.split_kl:  # the reference's second optimiser: SGD on every parameter, for the KL's gradient
+            if len(self.optimizers) > 1:
+                self.optimizers.pop()
+            self.optimizers.append(torch.optim.SGD(main + g_params, lr=cfg.g_lr))
         factor = warmup_decay(cfg.steps, cfg.warmup_ratio, cfg.decay)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
 
@@ -217,7 +238,7 @@ class SVITrainer:
                 loss = self.loss(batch, step)
         except FloatingPointError as err:
             raise NonFiniteLossError(f"{err} at step {step}; {self._advice()}") from err
-        loss.backward()
+        self._backward(loss, batch)
         self._average_gradients(params)
         # one host sync for the loss the progress bar shows and the gradients' finiteness together
         grads = [p.grad for p in params if p.grad is not None]
@@ -235,12 +256,63 @@ class SVITrainer:
             raise NonFiniteLossError(f"{what} at step {step}; {self._advice()}")
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if self.config.split_kl:
+            value = self._split_update(batch, step, value)
+        else:
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         for sch in self.schedulers:
             sch.step()
         return value
+
+    def _split_update(self, batch: dict[str, torch.Tensor], step: int, value: float) -> float:
+        """:attr:`OptimConfig.split_kl`'s update, the gradients of :meth:`loss` being in place:
+        the main optimiser on the likelihood's gradient, then SGD on the KL's, taken after it. Returns
+        the loss with the KL as evaluated for the second update."""
+        main, kl_sgd = self.optimizers
+        main_params = [p for group in main.param_groups for p in group["params"]]
+        main.step()
+        for p in main_params:
+            p.grad = None
+        with contextlib.nullcontext() if self.validate_every_step else pyro.validation_enabled(False):
+            kl = self.kl_loss(batch, step)
+        if kl.requires_grad:
+            kl.backward()
+        kl_value = float(kl.detach())
+        if not math.isfinite(kl_value):
+            kl_sgd.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"the KL term is {kl_value} at step {step}; {self._advice()}")
+        kl_sgd.step()
+        kl_sgd.zero_grad(set_to_none=True)
+        if "kl" in self.last_terms:
+            self.last_terms["kl"] = kl_value
+            return self.last_terms["nll"] + kl_value
+        return value
+
+
+    def _backward(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """The loss's gradients; with :attr:`OptimConfig.split_kl` the likelihood's part's alone
+        (the ELBO's ``last_terms``), the KL's being taken after the main update."""
+        if not self.config.split_kl:
+            loss.backward()
+            return
+        nll = (getattr(self.elbo, "last_terms", None) or {}).get("nll")
+        if not torch.is_tensor(nll):
+            raise TypeError(f"split_kl needs an ELBO that reports its likelihood term (MeanFieldELBO); "
+                            f"{type(self.elbo).__name__} does not")
+        (nll / self._examples(batch)).backward()
+
+    def _scale_means(self) -> dict[str, float]:
+        """``sigma_mean`` and ``sigma_median``: the guide's posterior standard deviations over all sites,
+        for a guide that reports them (:class:`~pyro_llm.guides.ReportsScales`); where BLoB's ``sigma``
+        is on its way from its initial value to where the likelihood and the KL balance."""
+        scales = guide_scales(self.guide)
+        if not scales:
+            return {}
+        flat = torch.cat([s.detach().reshape(-1).float() for s in scales.values()])
+        mean, median = torch.stack([flat.mean(), flat.median()]).tolist()
+        return {"sigma_mean": mean, "sigma_median": median}
 
     def _advice(self) -> str:
         kept = (f"the last good checkpoint (step {self.last_checkpoint}) in {self.run_dir} is kept"
@@ -283,15 +355,18 @@ class SVITrainer:
         bar = tqdm(range(start, end), desc="svi", disable=not self.progress or rank > 0, initial=start, total=end)
         store = dict(pyro.get_param_store().named_parameters())
         params = [store[n] for n in self.param_names]
+        every = max(1, cfg.steps // 100)  # the scales' trajectory: about 100 points a run
         for step in bar:
             t0 = time.perf_counter()
             batch = data.batch(self._local(data.training_batch(step, cfg.batch_size, cfg.seed)), device)
             loss = self.step(batch, step, params)
             record = {"step": step, "loss": float(loss), **self.last_terms, "kl_weight": float(self.kl_schedule(step)),
                       "seconds": time.perf_counter() - t0}
-            self.history.append(record)
-            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "nll", "kl") if k in record})
             done = step + 1
+            if done % every == 0 or done == end:
+                record.update(self._scale_means())
+            self.history.append(record)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "nll", "kl", "sigma_mean") if k in record})
             if rank == 0 and self.run_dir is not None and (done % cfg.checkpoint_every == 0 or done == end):
                 self._check_params_finite(params, step)
                 save_checkpoint(self.run_dir, self.param_names, self.optim_state(), done, self.history)

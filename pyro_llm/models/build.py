@@ -35,8 +35,14 @@ class LoRAOptions:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
+    #: LoRA on the output layer as well (the BLoB reference's ``--apply-classhead-lora``): a causal
+    #: LM's ``lm_head`` (tied to the input embeddings or not: the adapter never changes the shared
+    #: weight); a classifier's new head is trained in full already and is left as it is
+    class_head: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.class_head, bool):
+            raise ValueError(f"class_head must be true or false, got {self.class_head!r}")
         check_int("rank", self.rank, low=1)
         check_real("alpha", self.alpha, low=0, low_open=True)
         check_real("lora_dropout", self.dropout, low=0, high=0.99)
@@ -59,6 +65,13 @@ def default_targets(model: torch.nn.Module) -> tuple[str, ...]:
             return names
     raise ValueError(f"{type(model).__name__}: no query/value projections found under the names "
                      f"{list(_QV_NAMES)}; pass the LoRA target modules explicitly")
+
+
+def output_layer_names(model: torch.nn.Module) -> list[str]:
+    """The module path of ``model``'s output layer (``lm_head``), as a LoRA target: matched by
+    identity with ``get_output_embeddings()``, not by name."""
+    out = model.get_output_embeddings()
+    return [name for name, module in model.named_modules() if module is out and name][:1]
 
 
 def head_for(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> Head:
@@ -106,8 +119,11 @@ def build_model(
         with _quiet_peft():
             peft_model = _load_adapter(base, model_name, Path(adapter_dir))
     else:
+        targets = list(lora.target_modules or default_targets(base))
+        if lora.class_head and task_type == TaskType.CAUSAL_LM:
+            targets += [name for name in output_layer_names(base) if name not in targets]
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
-                            target_modules=list(lora.target_modules or default_targets(base)))
+                            target_modules=targets)
         with torch.random.fork_rng(devices=[]), _quiet_peft():
             torch.manual_seed(seed)
             peft_model = get_peft_model(base, config)
@@ -120,9 +136,12 @@ def build_model(
 def _quiet_peft():
     """peft's wrapping asks transformers ``is_gradient_checkpointing``, which transformers 5 marks
     deprecated: a FutureWarning on every model built that no user can act on, so it is hidden
-    (only that one)."""
+    (only that one). So is peft's warning about LoRA on a tied ``lm_head``: it concerns merging the
+    adapter into the shared weight, which pyro-llm never does (the adapter stays a separate product,
+    and the input embeddings are unchanged; tests/models/test_class_head.py)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*tie_word_embeddings.*")
         yield
 
 

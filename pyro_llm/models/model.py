@@ -98,6 +98,14 @@ class BayesianLoRAModel:
         for s in self.sites:
             self.prior.prior_dist(s.name, s.layer, s.shape)
 
+    def sample_sites(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        """Sample every LoRA site (and its prior's hyper-parameters) from the prior, and nothing
+        else: a Pyro model without the network or the data, whose ELBO against a guide is the
+        guide's negative KL alone. The trainer takes the KL's gradient from it where the likelihood's
+        and the KL's go to different optimisers (:attr:`~pyro_llm.infer.OptimConfig.split_kl`).
+        Arguments (a batch) are accepted and ignored."""
+        return {s.name: pyro.sample(s.name, self.prior.prior_dist(s.name, s.layer, s.shape)) for s in self.sites}
+
     def hyper_site_names(self) -> list[str]:
         """The latent sites the priors sample (none for fixed priors), found by tracing
         :meth:`sample_prior_hyperparameters` alone. A name nested under a LoRA site's name

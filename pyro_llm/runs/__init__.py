@@ -10,7 +10,7 @@ scoring), :mod:`.svi`, :mod:`.laplace`, :mod:`.zero_shot`, :mod:`.load` (any sav
 from .common import (LoadedRun, build_for, load_predictions, load_split, read_config, record_metrics, retarget_head,
                      run_config_of)
 from .config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
-                     PriorConfig, RunConfig)
+                     PriorConfig, RunConfig, preset_config)
 from .folder import RunDirExistsError, RunFolder, is_run
 from .laplace import LaplaceRun, laplace, load_laplace_run, resolve_adapter
 from .load import evaluate, evaluate_ensemble, load_run, predictor
@@ -23,6 +23,6 @@ __all__ = [
     "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
     "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_ensemble", "evaluate_loaded",
     "is_run", "laplace", "load_laplace_run", "load_predictions", "load_run", "load_split", "load_svi_run",
-    "load_zero_shot_run", "make_guide", "predictor", "read_config", "record_metrics", "resolve_adapter",
+    "load_zero_shot_run", "make_guide", "predictor", "preset_config", "read_config", "record_metrics", "resolve_adapter",
     "retarget_head", "run_config_of", "svi_predictor", "train", "zero_shot",
 ]

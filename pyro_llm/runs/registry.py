@@ -20,7 +20,7 @@ from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoN
 
 from ..guides import BLoBGuide
 from ..infer.elbo import MeanFieldELBO
-from ..infer.schedules import BlobKLReweighting, ConstantKL, KLSchedule, LinearKLAnnealing
+from ..infer.schedules import BlobKLReweighting, ConstantKL, KLSchedule, LinearKLAnnealing, blob_cycle_length
 from ..models.model import BayesianLoRAModel
 from ..priors import GaussianPrior, LaplacePrior, Prior, StudentTPrior
 
@@ -71,13 +71,21 @@ class KLScheduleArgs:
     anneal_steps: int = 0
     dataset_size: int = 1
     batch_size: int = 1
+    blob_gamma: float = 8.0
+    steps: int = 1
+    cycles: int = 4
 
 
 #: ``--kl-schedule NAME``: ``KL_SCHEDULES[name](KLScheduleArgs)``.
 KL_SCHEDULES: dict[str, Callable[[KLScheduleArgs], KLSchedule]] = {
     "constant": lambda a: ConstantKL(a.weight),
     "linear": lambda a: LinearKLAnnealing(a.anneal_steps, 0.0, a.weight),
-    "blob": lambda a: BlobKLReweighting(a.dataset_size, max(a.dataset_size // a.batch_size, 1)),
+    # the BLoB reference's Llama recipe: M by dataset rescaling, M = int(100 N^(pi/gamma) / B)
+    "blob": lambda a: BlobKLReweighting(a.dataset_size, blob_cycle_length(a.dataset_size, a.batch_size, a.blob_gamma)),
+    # Blundell et al.'s original: one cycle per epoch, M = N // B
+    "blob-epoch": lambda a: BlobKLReweighting(a.dataset_size, max(a.dataset_size // a.batch_size, 1)),
+    # the same reweighting with cycles that complete within the planned length: M = steps // cycles
+    "blob-cycles": lambda a: BlobKLReweighting(a.dataset_size, max(a.steps // max(a.cycles, 1), 1)),
 }
 
 #: Laplace predictives (``pyro-llm laplace --predictive``): linearised + probit, linearised + Monte

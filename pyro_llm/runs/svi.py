@@ -57,7 +57,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume:
     model, tok = build_for(cfg, task, len(train_examples), cache)
     train_data = encode_examples(train_examples, tok, task.num_classes, cfg.data.max_length)
     guide = cfg.guide.build(model)
-    kl = cfg.objective.kl(len(train_data), cfg.optim.batch_size)
+    kl = cfg.objective.kl(len(train_data), cfg.optim.batch_size, cfg.optim.steps)
     with folder if rank == 0 else contextlib.nullcontext(folder.path) as out:
         if rank == 0:
             write_config(out, "svi", cfg, state="running")
@@ -117,7 +117,7 @@ def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | Non
         with lora_dropout_active(run.model, enabled=mc_dropout):
             return predict_proba(run.model, run.guide, data, num_samples=n, batch_size=cfg.eval.batch_size,
                                  max_rows=cfg.eval.max_rows, progress=progress, desc=desc,
-                                 resample_guide=not mc_dropout)
+                                 resample_guide=not mc_dropout, flipout=cfg.eval.flipout and bool(cfg.guide.flipout))
 
     return predict, n
 

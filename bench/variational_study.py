@@ -1,0 +1,220 @@
+"""Which variational guide calibrates, and at what cost in steps: the reference-recipe BLoB at its
+own length against guides meant to calibrate within a few hundred steps, all against MAP and
+temperature-scaled MAP on the same test examples.
+
+Methods (every one a library feature selected by configuration, nothing written for the study):
+
+* ``map``: Pyro's ``AutoDelta`` with the calibration study's recipe (``bench.study``'s ``cpu-sst2``:
+  150 steps of 8, AdamW lr 1e-3); ``map+ts``: its temperature fitted on the validation split.
+* ``blob-ref``: ``--preset blob`` (the BLoB reference's recipe, ``pyro_llm.runs.PRESETS``) at its
+  own 5000 steps; batch 8 as the testbed (the cycle length M follows the batch).
+* ``blob-adam``: BLoB's guide with the MAP's recipe and its ``G`` trained by AdamW (lr 1e-2) under a
+  tempered exact ELBO, the KL weight ``w`` chosen per seed on the validation NLL among ``W_GRID``.
+* ``blob-cycles``: BLoB's guide with the MAP's recipe, the reference's ``2^i`` KL reweighting and
+  two-optimiser update, its cycles fitted to the planned steps (``--kl-schedule blob-cycles``).
+
+Runs resume (a finished run is never redone); ``--cells`` picks which methods this process trains
+(two processes on a 2-core machine: ``blob-ref`` in one, the rest in the other); ``--tables``
+writes the tables from what has finished.
+
+    OMP_NUM_THREADS=1 python -m bench.variational_study --cells blob-ref --runs-dir runs/variational &
+    OMP_NUM_THREADS=1 python -m bench.variational_study --cells map blob-adam blob-cycles --runs-dir runs/variational &
+    python -m bench.variational_study --tables --runs-dir runs/variational --out docs/results/variational-sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pyro_llm.evaluation import compute_metrics
+from pyro_llm.io import atomic_write_json
+from pyro_llm.runs import RunConfig, evaluate, load_predictions, preset_config, train
+
+from .study import CONFIGS, _differences, _fmt, _log, _scored, run_config
+
+TESTBED = CONFIGS["cpu-sst2"]
+TASK = "sst2"
+W_GRID = (1.0, 0.1, 0.01)
+
+
+def _testbed(seed: int, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The testbed's data, model and evaluation settings as nested sections, ``sections`` merged in."""
+    base = run_config(TESTBED, TASK, seed).to_dict()
+    out = {k: base[k] for k in ("model", "data", "eval")}
+    for name, values in sections.items():
+        out[name] = {**out.get(name, {}), **values}
+    return out
+
+
+def _variant(seed: int, **sections: dict[str, Any]) -> RunConfig:
+    """The MAP's recipe (guide, optimiser, objective) with ``sections`` changed."""
+    cfg = run_config(TESTBED, TASK, seed).to_dict()
+    for name, values in sections.items():
+        cfg[name] = {**cfg[name], **values}
+    return RunConfig.from_dict(cfg)
+
+
+def configs(seed: int) -> dict[str, RunConfig]:
+    """Every run of one seed, by run name."""
+    out = {"map": run_config(TESTBED, TASK, seed, guide="map"),
+           "blob-ref": preset_config("blob", task=TASK, **_testbed(
+               seed, optim={"batch_size": TESTBED["batch_size"], "seed": seed, "checkpoint_every": 500})),
+           "blob-cycles": _variant(seed, guide={"name": "blob", "flipout": True},
+                                   objective={"kl_schedule": "blob-cycles", "kl_cycles": 4},
+                                   optim={"split_kl": True})}
+    for w in W_GRID:
+        out[f"blob-adam-w{w:g}"] = _variant(seed, guide={"name": "blob", "flipout": True},
+                                            objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
+    return out
+
+
+#: ``--cells`` names -> the run names they train
+CELL_RUNS: dict[str, Callable[[str], bool]] = {
+    "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
+    "blob-adam": lambda r: r.startswith("blob-adam-")}
+
+
+def _train(cfg: RunConfig, run_dir: Path) -> None:
+    if (run_dir / "metrics.json").is_file():
+        return
+    resume = (run_dir / "config.json").is_file()
+    t0 = time.perf_counter()
+    train(cfg, run_dir, overwrite=not resume, resume=resume, progress=False)
+    (run_dir / "wall_seconds").write_text(f"{time.perf_counter() - t0}\n")
+    _log(f"{run_dir}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
+
+
+def _validation_nll(run_dir: Path) -> float:
+    """The run's N-sample validation NLL, evaluated once and kept in ``validation_nll``."""
+    kept = run_dir / "validation_nll"
+    if not kept.is_file():
+        kept.write_text(f"{evaluate(run_dir, split='validation', progress=False).nll!r}\n")
+    return float(kept.read_text())
+
+
+def run_cells(cells: list[str], seeds: list[int], root: Path) -> None:
+    for seed in seeds:
+        for name, cfg in configs(seed).items():
+            if any(CELL_RUNS[c](name) for c in cells):
+                _train(cfg, root / f"seed{seed}" / name)
+                if name.startswith("blob-adam-"):
+                    _log(f"{name} seed {seed}: validation NLL {_validation_nll(root / f'seed{seed}' / name):.4f}")
+
+
+def _seconds(run_dir: Path) -> float:
+    return sum(h["seconds"] for h in json.loads((run_dir / "history.json").read_text()))
+
+
+def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
+    """Rows of what has finished: metrics over seeds, paired differences, cost in steps and seconds."""
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    cost: dict[str, list[tuple[int, float]]] = {}
+    chosen: dict[int, str] = {}
+    for seed in seeds:
+        base = root / f"seed{seed}"
+        done = {name: base / name for name in configs(seed) if (base / name / "metrics.json").is_file()}
+        methods: dict[str, tuple[Path, dict[str, Any]]] = {}
+        if "map" in done:
+            methods["map"] = (done["map"], {})
+            methods["map+ts"] = (done["map"], {"temperature": "validation"})
+        for name in ("blob-ref", "blob-cycles"):
+            if name in done:
+                methods[name] = (done[name], {})
+        grid = [n for n in done if n.startswith("blob-adam-")]
+        if len(grid) == len(W_GRID):
+            chosen[seed] = min(grid, key=lambda n: _validation_nll(done[n]))
+            methods["blob-adam"] = (done[chosen[seed]], {})
+            methods["blob-adam+ts"] = (done[chosen[seed]], {"temperature": "validation"})
+        for method, (run_dir, options) in methods.items():
+            scored = _scored(run_dir, TASK, method, None, True, **options)
+            if scored is not None:
+                rows.setdefault(method, []).append(scored)
+                cost.setdefault(method, []).append((len(json.loads((run_dir / "history.json").read_text())),
+                                                    _seconds(run_dir)))
+    full = {m: v for m, v in rows.items() if len(v) == len(seeds)}
+    differences = _differences(full, resamples)
+    map_seconds = statistics.mean(s for _, s in cost["map"]) if "map" in cost else float("nan")
+    lines = [f"SmolLM2-135M on SST-2 (the `cpu-sst2` testbed: 87 / 262 / 523 sentences), seeds {seeds}; "
+             f"ECE in %, 15 bins; mean ± std over seeds; differences on the seeds' pooled test predictions "
+             f"[95 % paired bootstrap interval, {resamples} resamples]; cost: training steps and seconds "
+             f"(sum of the steps' times) and their ratio to MAP's training.", "",
+             "| method | steps | train s | × MAP | accuracy % | ECE % | NLL | Brier | ΔNLL vs MAP | ΔECE vs MAP | "
+             "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    summary: dict[str, Any] = {}
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles", "blob-adam", "blob-adam+ts"):
+        if method not in rows:
+            continue
+        ms = [compute_metrics(p, lab).as_dict() for p, lab in rows[method]]
+        steps, secs = statistics.mean(s for s, _ in cost[method]), statistics.mean(s for _, s in cost[method])
+        cells = []
+        for ref in ("map", "map+ts"):
+            for metric in ("nll", "ece"):
+                d = differences.get(method, {}).get(ref, {}).get(metric)
+                cells.append("" if d is None else f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        label = method if len(ms) == len(seeds) else f"{method} ({len(ms)} of {len(seeds)} seeds)"
+        lines.append(f"| {label} | {steps:.0f} | {secs:.0f} | {secs / map_seconds:.1f} | "
+                     f"{_fmt([m['accuracy'] for m in ms])} | {_fmt([m['ece'] for m in ms])} | "
+                     f"{_fmt([m['nll'] for m in ms], digits=3)} | {_fmt([m['brier'] for m in ms], digits=3)} | "
+                     + " | ".join(cells) + " |")
+        summary[method] = {"metrics": ms, "steps": steps, "train_seconds": secs}
+    if chosen:
+        lines += ["", "KL weight chosen on validation NLL (blob-adam): "
+                  + ", ".join(f"seed {s}: {n.removeprefix('blob-adam-')}" for s, n in sorted(chosen.items()))]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_json(out / "results.json", {"seeds": seeds, "methods": summary, "paired_differences": differences,
+                                             "chosen": {str(k): v for k, v in chosen.items()}})
+    _plot_sigma(seeds, root, out / "sigma.png")
+    print("\n".join(lines))
+
+
+def _plot_sigma(seeds: list[int], root: Path, path: Path) -> None:
+    """``sigma``'s mean over all ``A`` entries along training (``history.json``), per seed and run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for seed in seeds:
+        for name, style in (("blob-ref", "-"), ("blob-cycles", "--")):
+            f = root / f"seed{seed}" / name / "history.json"
+            if not f.is_file():
+                continue
+            points = [(h["step"] + 1, h["sigma_mean"]) for h in json.loads(f.read_text()) if "sigma_mean" in h]
+            if points:
+                ax.plot(*zip(*points), style, label=f"{name} seed {seed}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean sigma over all A entries")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", nargs="+", choices=sorted(CELL_RUNS), default=sorted(CELL_RUNS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--runs-dir", default="runs/variational")
+    ap.add_argument("--out", default="docs/results/variational-sst2")
+    ap.add_argument("--tables", action="store_true", help="train nothing: write the tables of what has finished")
+    ap.add_argument("--resamples", type=int, default=1000)
+    args = ap.parse_args()
+    root = Path(args.runs_dir)
+    if not args.tables:
+        run_cells(args.cells, args.seeds, root)
+    tables(args.seeds, root, Path(args.out), args.resamples)
+
+
+if __name__ == "__main__":
+    main()
