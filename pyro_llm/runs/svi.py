@@ -72,7 +72,8 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume:
         atomic_write_json(out / "history.json", history)
         first = train_data.batch(torch.arange(min(2, len(train_data))), model.device)
         write_back_means(model, guide, first)
-        model.peft_model.save_pretrained(str(out / "adapter"))
+        # the base's embedding layers are never trained: peft would save a whole lm_head targeted by LoRA
+        model.peft_model.save_pretrained(str(out / "adapter"), save_embedding_layers=False)
         save_params(out / "guide.safetensors", trainer.param_names, {"guide": cfg.guide.name})
         scales = scale_summary(guide)
         if scales is not None:  # where the posterior is wide, per site (BLoB's sigma)
@@ -95,6 +96,7 @@ def load_svi_run(run_dir: str | Path, *, device: str | None = None, cache: str |
     guide(**batch)
     model(**batch)
     load_params(run_dir / "guide.safetensors", upgrade=getattr(guide, "upgrade_saved", None))
+    write_back_means(model, guide, batch)  # the modules hold the guide's point estimate, as the saved adapter does
     return LoadedRun(model, guide, tok, cfg, task, run_dir)
 
 
