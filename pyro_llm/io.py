@@ -8,13 +8,14 @@ Nothing here unpickles code: tensors travel as safetensors, and the only ``torch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +23,8 @@ from safetensors.torch import save_file
 
 __all__ = [
     "CorruptFileError",
+    "FileWriteError",
+    "atomic_path",
     "atomic_write_json",
     "atomic_save_tensors",
     "atomic_torch_save",
@@ -36,22 +39,44 @@ class CorruptFileError(RuntimeError):
     """A file pyro-llm wrote cannot be read back (truncated, edited, or not ours)."""
 
 
-def _tmp_sibling(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class FileWriteError(OSError):
+    """Writing a file failed (a full disk, a file-size limit, a permission): the message names the
+    file, and nothing half-written is left in its place."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary sibling of ``path`` (``.<name>.XXXX.tmp<suffix>``) to write, renamed onto ``path``
+    when the block succeeds and removed when it fails. The file gets the permissions the user's
+    umask gives a new file (not ``mkstemp``'s 0600), and any failure to write is a
+    :class:`FileWriteError` naming ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    return Path(name)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except FileWriteError:
+        raise
+    except (OSError, RuntimeError) as err:  # torch's full-disk error is a RuntimeError naming no file
+        raise FileWriteError(f"could not write {path}: {' '.join(str(err).split())[:300]}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 #: safetensors metadata key of the names stored once for another (JSON ``{alias: stored name}``)
@@ -64,18 +89,12 @@ def atomic_save_tensors(
     """Save a flat name -> tensor mapping as safetensors, atomically. A tensor given under several
     names (one K-FAC factor that two sites share) is stored once, the other names recorded as
     aliases in the metadata, which :func:`load_tensors` restores as one shared tensor."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stored, aliases = _unshared(tensors)
     meta = dict(metadata or {})
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    tmp = _tmp_sibling(path)
-    try:
-        save_file(stored, str(tmp), metadata=meta or None)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:  # names in sorted order: identical runs write identical bytes
+        save_file(dict(sorted(stored.items())), str(tmp), metadata=dict(sorted(meta.items())) or None)
 
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -122,14 +141,8 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` of plain containers of tensors and numbers (optimiser states), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:

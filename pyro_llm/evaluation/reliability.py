@@ -7,6 +7,8 @@ from typing import Mapping
 
 import torch
 
+from ..io import atomic_path
+
 __all__ = ["reliability_bins", "plot_reliability"]
 
 
@@ -49,7 +51,8 @@ def plot_reliability(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], pa
     axh.set_xlabel("confidence")
     axh.set_ylabel("count")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    finally:
+        plt.close(fig)

@@ -37,6 +37,7 @@ from ..guides.ops import guide_scales
 from ..guides.roles import LOC, SCALE, param_roles
 from ..models.model import BayesianLoRAModel
 from ..poutine import FlipoutMessenger, kl_weight
+from ..io import CorruptFileError
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .schedules import KLSchedule, ConstantKL, warmup_decay
 from .elbo import MeanFieldELBO
@@ -192,10 +193,26 @@ class SVITrainer:
                 "schedulers": [s.state_dict() for s in self.schedulers]}
 
     def load_optim_state(self, state: dict[str, Any]) -> None:
+        """The saved optimiser and schedule states, with this trainer's learning rates, weight decay
+        and schedule in force from the saved step on (a resumed run may change them, e.g. a lower
+        learning rate after a non-finite stop); moments and step counts are the saved ones."""
+        if len(state.get("optimizers", [])) != len(self.optimizers):
+            raise ValueError(f"the checkpoint holds {len(state.get('optimizers', []))} optimiser states; this "
+                             f"guide and configuration use {len(self.optimizers)}")
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
+        cfg = self.config
+        rates = [cfg.lr, cfg.g_lr]
+        for k, (opt, sch) in enumerate(zip(self.optimizers, self.schedulers)):
+            base = rates[min(k, 1)]
+            sch.base_lrs = [base] * len(opt.param_groups)
+            for group, f in zip(opt.param_groups, sch.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * f(sch.last_epoch)
+                if k == 0 and "weight_decay" in group:
+                    group["weight_decay"] = cfg.weight_decay
 
     # -- several processes -------------------------------------------------------------------------
     @staticmethod
@@ -315,9 +332,10 @@ class SVITrainer:
         return {"sigma_mean": mean, "sigma_median": median}
 
     def _advice(self) -> str:
-        kept = (f"the last good checkpoint (step {self.last_checkpoint}) in {self.run_dir} is kept"
-                if self.last_checkpoint else "no checkpoint was written")
-        return f"nothing was updated from this step; {kept}; lower the learning rate or check the data"
+        if self.last_checkpoint:
+            return (f"nothing was updated from this step; the last good checkpoint (step {self.last_checkpoint}) in "
+                    f"{self.run_dir} is kept: continue with --resume and a lower --lr (or --g-lr), or check the data")
+        return "nothing was updated from this step and no checkpoint was written; lower the learning rate or check the data"
 
     def _check_params_finite(self, params: list[torch.Tensor], step: int) -> None:
         """Before a checkpoint: every parameter finite (an update can overflow with finite gradients)."""
@@ -348,6 +366,9 @@ class SVITrainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}")
             start, self.history, names, optim_state = load_checkpoint(ckpt)
             self.last_checkpoint = start
+            if start > cfg.steps or len(self.history) != start:
+                raise CorruptFileError(f"checkpoint {ckpt}/state.json says step {start} with {len(self.history)} "
+                                       f"history records, of a run of {cfg.steps} steps; it is not this run's")
             if names != self.param_names:
                 raise ValueError(f"checkpoint {ckpt} belongs to another model/guide (its parameters differ)")
             self.load_optim_state(optim_state)

@@ -40,6 +40,8 @@ __all__ = ["LoadedRun", "build_for", "evaluation_limit", "load_predictions", "lo
            "model_name_for", "read_config", "rebuild", "record_metrics", "recorded_predictions", "retarget_head",
            "run_config_of", "score", "write_config"]
 
+from .lock import RunLock
+
 log = logging.getLogger(__name__)
 
 
@@ -71,14 +73,18 @@ def load_split(cfg: RunConfig, task: TaskSpec, split: str, tokenizer: Any, limit
 
 def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tensor, labels: torch.Tensor,
                    extra: dict[str, Any] | None = None) -> None:
-    """Merge one evaluation into ``metrics.json`` and draw its reliability diagram."""
-    path = run_dir / "metrics.json"
-    table = read_json(path, "metrics") if path.is_file() else {}
-    table[key] = {**metrics.as_dict(), **(extra or {})}
-    atomic_write_json(path, table)
-    atomic_save_tensors(_predictions_file(run_dir, key), {"probs": probs.float(), "labels": labels})
-    plot_reliability({key: (probs, labels)}, run_dir / f"reliability_{key.replace('/', '_')}.png",
-                     n_bins=metrics.ece_bins, title=key)
+    """Merge one evaluation into ``metrics.json`` and draw its reliability diagram. The predictions
+    and the diagram are written first and ``metrics.json`` last, so an entry there always has its
+    files; the read-modify-write of ``metrics.json`` holds the run's lock (:class:`~.lock.RunLock`,
+    waiting up to a minute for another command), so two evaluations never drop each other's entry."""
+    with RunLock(run_dir, wait=60.0):
+        atomic_save_tensors(_predictions_file(run_dir, key), {"probs": probs.float(), "labels": labels})
+        plot_reliability({key: (probs, labels)}, run_dir / f"reliability_{key.replace('/', '_')}.png",
+                         n_bins=metrics.ece_bins, title=key)
+        path = run_dir / "metrics.json"
+        table = read_json(path, "metrics") if path.is_file() else {}
+        table[key] = {**metrics.as_dict(), **(extra or {})}
+        atomic_write_json(path, table)
 
 
 @contextlib.contextmanager

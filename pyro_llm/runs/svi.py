@@ -15,10 +15,11 @@ from ..data import EncodedDataset, TaskSpec, encode_examples, get_task, load_exa
 from ..evaluation import Metrics, predict_proba
 from ..guides import scale_summary, write_back_means
 from ..infer import SVITrainer, load_params, save_params
-from ..io import atomic_write_json
+from ..infer.checkpoint import find_checkpoint
+from ..io import atomic_write_json, read_json
 from ..models import lora_dropout_active
-from .common import (LoadedRun, build_for, evaluation_limit, load_split, process_group, rebuild, run_config_of, score,
-                     write_config)
+from .common import (LoadedRun, build_for, evaluation_limit, load_split, process_group, read_config, rebuild,
+                     run_config_of, score, write_config)
 from .config import RunConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
@@ -37,16 +38,53 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
                       evaluate_after=evaluate_after)
 
 
+#: Optimiser settings a ``--resume`` may change (after a non-finite stop, say); recorded in
+#: ``config.json`` under ``resumes``. Everything else must be as the run was started.
+RESUMABLE = ("lr", "g_lr", "warmup_ratio", "decay", "grad_clip", "weight_decay", "checkpoint_every")
+
+
+def _resume_changes(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """The optimiser settings ``cfg`` changes from the run's own; any other difference is refused."""
+    def comparable(c: RunConfig) -> dict[str, Any]:
+        d = c.to_dict()
+        d["model"] = {**d["model"], "device": None}
+        d["optim"] = {k: v for k, v in d["optim"].items() if k not in RESUMABLE}
+        return d
+
+    if comparable(saved) != comparable(cfg):
+        a, b = comparable(saved), comparable(cfg)
+        differ = sorted(f"{section}.{k}" for section in a if isinstance(a[section], dict)
+                        for k in a[section] if a[section][k] != b[section].get(k))
+        differ += sorted(k for k in a if not isinstance(a[k], dict) and a[k] != b[k])
+        raise ValueError(f"--resume: {run_dir}/config.json differs from the options given in {', '.join(differ)}; "
+                         f"a resumed run may change only {', '.join(RESUMABLE)}")
+    return {k: [getattr(saved.optim, k), getattr(cfg.optim, k)] for k in RESUMABLE
+            if getattr(saved.optim, k) != getattr(cfg.optim, k)}
+
+
 def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume: bool, progress: bool,
            cache: str | None, evaluate_after: bool) -> dict[str, Any]:
     task = get_task(cfg.task)
-    folder = RunFolder(run_dir, overwrite=overwrite, resume=resume, inputs=(cfg.model.name, cfg.task))
-    if resume and not folder.restart:
-        saved = run_config_of(run_dir)
-        if {**saved.to_dict(), "model": {**saved.to_dict()["model"], "device": None}} != \
-                {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "device": None}}:
-            raise ValueError(f"--resume: {run_dir}/config.json differs from the options given; "
-                             "resume with the same options")
+    folder = RunFolder(run_dir, overwrite=overwrite, resume=resume, inputs=(cfg.model.name, cfg.task),
+                       lock=rank == 0)
+    try:
+        return _train_in(folder, cfg, task, run_dir, rank, resume=resume, progress=progress, cache=cache,
+                         evaluate_after=evaluate_after)
+    finally:
+        folder.release()
+
+
+def _train_in(folder: RunFolder, cfg: RunConfig, task: TaskSpec, run_dir: Path, rank: int, *, resume: bool,
+              progress: bool, cache: str | None, evaluate_after: bool) -> dict[str, Any]:
+    resumes: list[dict[str, Any]] = []
+    continuing = resume and not folder.restart
+    if continuing:
+        resumes = list(read_config(run_dir).get("resumes", []))
+        changed = _resume_changes(run_config_of(run_dir), cfg, run_dir)
+        ckpt = find_checkpoint(run_dir)
+        if changed and ckpt is not None:
+            resumes.append({"step": read_json(ckpt / "state.json", "checkpoint state").get("step"),
+                            "changed": changed})
     pyro.clear_param_store()
     # the model needs N before the data is tokenised: count examples first
     train_examples = load_examples(task, "train", limit=cfg.data.train_limit, split_seed=cfg.data.split_seed,
@@ -58,15 +96,16 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume:
     train_data = encode_examples(train_examples, tok, task.num_classes, cfg.data.max_length)
     guide = cfg.guide.build(model)
     kl = cfg.objective.kl(len(train_data), cfg.optim.batch_size, cfg.optim.steps)
+    record = {"resumes": resumes} if resumes else {}
     with folder if rank == 0 else contextlib.nullcontext(folder.path) as out:
-        if rank == 0:
-            write_config(out, "svi", cfg, state="running")
+        if rank == 0 and (not continuing or record):  # a resumed run's config says how it was resumed
+            write_config(out, "svi", cfg, state="running", **record)
         if dist.is_initialized():
             dist.barrier()
         trainer = SVITrainer(model, guide, cfg.optim, elbo=ELBOS[cfg.objective.elbo](),
                              use_flipout=bool(cfg.guide.flipout), kl_schedule=kl, run_dir=out, progress=progress)
         with lora_dropout_active(model, enabled=cfg.lora.dropout > 0):
-            history = trainer.fit(train_data, resume=resume and not folder.restart)
+            history = trainer.fit(train_data, resume=continuing)
         if rank > 0:  # other ranks of a torchrun job: rank 0 saves and evaluates
             return {}
         atomic_write_json(out / "history.json", history)
@@ -82,7 +121,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume:
         if evaluate_after:
             m, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, out), task, progress=progress)
             metrics = {f"{task.name}/test": m.as_dict()}
-        write_config(out, "svi", cfg, state="finished")
+        write_config(out, "svi", cfg, state="finished", **record)
     return metrics
 
 

@@ -62,11 +62,28 @@ def test_existing_run_dir_is_refused(tiny_llama, tmp_path):
     with pytest.raises(RunDirExistsError, match="--overwrite"):
         train(cfg, tmp_path / "r", progress=False)
     train(cfg, tmp_path / "r", overwrite=True, progress=False, evaluate_after=False)
-    with pytest.raises(FileNotFoundError, match="--resume"):
-        train(cfg, tmp_path / "none", resume=True, progress=False)
-    other = _cfg(tiny_llama, "map", steps=3)
-    with pytest.raises(ValueError, match="differs"):
-        train(other, tmp_path / "r", resume=True, progress=False)
+    before = (tmp_path / "r" / "config.json").read_bytes()
+    with pytest.raises(RunDirExistsError, match="finished"):  # nothing to continue; the run is left as it was
+        train(cfg, tmp_path / "r", resume=True, progress=False)
+    assert (tmp_path / "r" / "config.json").read_bytes() == before
+    # killed before its folder existed: --resume starts it
+    train(cfg, tmp_path / "none", resume=True, progress=False, evaluate_after=False)
+    assert len(json.loads((tmp_path / "none" / "history.json").read_text())) == 2
+
+
+def test_resume_may_change_the_learning_rate_and_records_it(tiny_llama, tmp_path):
+    cfg = _cfg(tiny_llama, "map", steps=4)
+    run = tmp_path / "r"
+    train(cfg, run, progress=False, evaluate_after=False)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "state": "running"}))  # killed after its last checkpoint
+    with pytest.raises(ValueError, match="optim.steps"):
+        train(_cfg(tiny_llama, "map", steps=5), run, resume=True, progress=False)
+    lower = RunConfig.from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 1e-3}})
+    train(lower, run, resume=True, progress=False, evaluate_after=False)
+    config = json.loads((run / "config.json").read_text())
+    assert config["state"] == "finished" and config["run"]["optim"]["lr"] == 1e-3
+    assert config["resumes"] == [{"step": 4, "changed": {"lr": [1e-2, 1e-3]}}]
 
 
 def test_interrupted_checkpoint_swap_recovers_old_copy(tiny_llama, tmp_path):
