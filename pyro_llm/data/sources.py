@@ -77,8 +77,10 @@ def _answer_index(raw: Any, n: int, path: Path, lineno: int) -> int:
     if isinstance(raw, str) and raw.strip().upper() in LETTERS[:n]:
         return LETTERS.index(raw.strip().upper())
     try:
+        if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)  # true, 1.7: not an index (int() would make them 1)
         idx = int(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DataFileError(f"{path}:{lineno}: field 'answer' must be a 0-based index or a letter, got {raw!r}") from None
     if not 0 <= idx < n:
         raise DataFileError(f"{path}:{lineno}: field 'answer' = {idx} is out of range for {n} choices")

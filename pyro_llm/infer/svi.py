@@ -31,7 +31,7 @@ from pyro.infer import ELBO
 from torch import distributed as dist
 from tqdm.auto import tqdm
 
-from ..checks import check_choice, check_int, check_real
+from ..checks import MAX_SEED, check_choice, check_int, check_real
 from ..data.collate import EncodedDataset
 from ..guides.ops import guide_scales
 from ..guides.roles import LOC, SCALE, param_roles
@@ -83,7 +83,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
             check_int(name, getattr(self, name), low=1)
-        check_int("seed", self.seed, low=0)
+        check_int("seed", self.seed, low=0, high=MAX_SEED)
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"metadata must be a dict, got {self.metadata!r}")
         for name in ("lr", "g_lr", "weight_decay"):  # 0 is allowed: e.g. a run that only evaluates
             check_real(name, getattr(self, name), low=0)
         check_real("adam_eps", self.adam_eps, low=0, low_open=True)

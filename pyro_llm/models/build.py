@@ -12,11 +12,13 @@ from typing import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_int, check_real
 from ..data.prompts import answer_strings
 from ..data.tasks import CLASSIFICATION, CLOZE, TaskSpec
+from ..io import CorruptFileError, read_json
 from ..priors import PriorLike
 from .heads import AnswerTokenHead, ChoiceLikelihoodHead, Head, SequenceClassificationHead, answer_token_ids
 from .loading import load_causal_lm, load_sequence_classifier
@@ -47,6 +49,8 @@ class LoRAOptions:
         check_real("alpha", self.alpha, low=0, low_open=True)
         check_real("lora_dropout", self.dropout, low=0, high=0.99)
         if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not hasattr(self.target_modules, "__iter__"):
+                raise ValueError(f"targets must be a list of module names, got {self.target_modules!r}")
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"targets must be non-empty module names, got {self.target_modules!r}")
@@ -149,9 +153,12 @@ def _load_adapter(base: torch.nn.Module, model_name: str, adapter_dir: Path) -> 
     """A peft adapter on ``base``; an adapter made for another base is refused in one sentence (peft
     says it in a page of size mismatches), and one whose recorded base has another name is loaded
     with a warning (same shapes, possibly other weights)."""
-    recorded = str(LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path or "")
+    recorded = str(adapter_config(adapter_dir).base_model_name_or_path or "")
     try:
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except (SafetensorError, OSError) as err:
+        raise CorruptFileError(f"the adapter weights in {adapter_dir} cannot be read ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]})") from err
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -164,10 +171,37 @@ def _load_adapter(base: torch.nn.Module, model_name: str, adapter_dir: Path) -> 
     return peft_model
 
 
+def adapter_config(adapter_dir: str | os.PathLike) -> LoraConfig:
+    """A peft adapter folder's ``LoraConfig``, its file checked first: a file that is not JSON or
+    whose rank, alpha or targets have the wrong type is an error naming the file."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    raw = read_json(path, "adapter configuration")
+    problems = []
+    if not isinstance(raw, dict):
+        problems.append("it is not a JSON object")
+    else:
+        if "r" in raw and (isinstance(raw["r"], bool) or not isinstance(raw["r"], int) or raw["r"] < 1):
+            problems.append(f"r must be a positive integer, got {raw['r']!r}")
+        if "lora_alpha" in raw and (isinstance(raw["lora_alpha"], bool) or
+                                    not isinstance(raw["lora_alpha"], (int, float))):
+            problems.append(f"lora_alpha must be a number, got {raw['lora_alpha']!r}")
+        targets = raw.get("target_modules")
+        if targets is not None and not (isinstance(targets, str) or
+                                        isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            problems.append(f"target_modules must be a name or a list of names, got {targets!r}")
+    if problems:
+        raise CorruptFileError(f"adapter configuration {path}: {'; '.join(problems)}")
+    try:
+        return LoraConfig.from_pretrained(str(adapter_dir))
+    except (TypeError, ValueError, OSError) as err:
+        raise CorruptFileError(f"adapter configuration {path} is not a LoRA configuration peft accepts: {err}") \
+            from err
+
+
 def lora_options_from_adapter(adapter_dir: str | os.PathLike) -> LoRAOptions:
-    cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    cfg = adapter_config(adapter_dir)
     targets: Sequence[str] = sorted(cfg.target_modules) if cfg.target_modules else ()
     return LoRAOptions(rank=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=tuple(targets))
 
 
-__all__ += ["lora_options_from_adapter"]
+__all__ += ["adapter_config", "lora_options_from_adapter"]

@@ -12,8 +12,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,19 +132,53 @@ def resolve_model_path(name: str, cache: str | os.PathLike | None = None) -> str
         return str(target)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    _check_hub_reachable(name)
     return name
+
+
+def _safe_message(err: Exception) -> str:
+    """``err``'s text without torch's advice to load with ``weights_only=False``: following it would
+    run whatever code a pickled checkpoint carries."""
+    text = " ".join(str(err).split())
+    return re.sub(r"[^.]*weights_only=False[^.]*\.?", "", text).strip() or type(err).__name__
 
 
 def _not_found(name: str, err: Exception) -> ModelNotFoundError:
     choices = ", ".join(sorted(EMBEDDED_MODELS))
-    path = Path(resolve_model_path(name)) if name not in EMBEDDED_MODELS else None
+    path = Path(name).expanduser() if name not in EMBEDDED_MODELS else None
     if path is not None and path.is_dir() or isinstance(err, SafetensorError):
         return ModelNotFoundError(f"cannot load model {name!r} from the folder {path or name}: its files are "
-                                  f"incomplete or corrupt ({type(err).__name__}: {err})")
+                                  f"incomplete or corrupt, or not loadable without running pickled code "
+                                  f"({type(err).__name__}: {_safe_message(err)})")
     return ModelNotFoundError(
         f"cannot load model {name!r}: it is not an embedded model ({choices}), not a local folder, "
-        f"and loading it as a hub id failed: {err}"
+        f"and loading it as a hub id failed: {_safe_message(err)}"
     )
+
+
+def _check_hub_reachable(name: str) -> None:
+    """A hub id that is not in the local cache, on a machine that cannot reach the hub, fails at once
+    (transformers would retry for about a minute before saying so)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not even a valid repository id
+        raise ModelNotFoundError(f"cannot load model {name!r}: it is not an embedded model "
+                                 f"({', '.join(sorted(EMBEDDED_MODELS))}), not a local folder, nor a hub id") from None
+    if isinstance(cached, str):
+        return
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError as err:
+            reason = f"{host} cannot be reached ({err})"
+    if reason:
+        raise ModelNotFoundError(f"cannot load model {name!r}: it is not an embedded model "
+                                 f"({', '.join(sorted(EMBEDDED_MODELS))}), not a local folder, and not in the local "
+                                 f"hub cache, and {reason}")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

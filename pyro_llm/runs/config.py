@@ -8,10 +8,12 @@ Names (guide, prior, ELBO, KL schedule, predictive) are checked against :mod:`.r
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..checks import check_choice, check_int, check_real
+from ..checks import MAX_SEED, check_bool, check_choice, check_int, check_real
 from ..curvature import KFACConfig
 from ..evaluation.glm import GLM_MAX_TOKENS
 from ..infer.laplace import PRIOR_PRECISION_METHODS
@@ -36,9 +38,12 @@ class ModelConfig:
     b_site: bool = False  # B a sample site too (default: a parameter)
 
     def __post_init__(self) -> None:
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise ValueError(f"model must be a model name, folder or hub id, got {self.name!r}")
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("attn_implementation", self.attn_implementation, (None, "eager", "sdpa"))
-        if not isinstance(self.device, str) or not self.device:
+        check_bool("b_site", self.b_site)
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 
 
@@ -55,15 +60,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.split_fractions is not None:
-            self.split_fractions = tuple(float(f) for f in self.split_fractions)  # type: ignore[assignment]
-            if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or \
-                    abs(sum(self.split_fractions) - 1) > 1e-6:
+            try:
+                self.split_fractions = tuple(float(f) for f in self.split_fractions)  # type: ignore[assignment]
+            except (TypeError, ValueError):
+                raise ValueError(f"split_fractions must be three numbers, got {self.split_fractions!r}") from None
+            if len(self.split_fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in self.split_fractions) \
+                    or abs(sum(self.split_fractions) - 1) > 1e-6:
                 raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, "
                                  f"got {self.split_fractions!r}")
         check_int("train_limit", self.train_limit, low=1, optional=True)
         check_int("test_limit", self.test_limit, low=1, optional=True)
         check_int("max_length", self.max_length, low=8)
-        check_int("split_seed", self.split_seed, low=0)
+        check_int("split_seed", self.split_seed, low=0, high=MAX_SEED)
 
 
 @dataclass
@@ -193,6 +201,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
             raise ValueError(f"task must be a task name or a .jsonl/.csv file, got {self.task!r}")
+        if not self.task.endswith((".jsonl", ".csv")):
+            from ..data import get_task
+
+            get_task(self.task)  # an unknown name is refused here, not at train()
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -206,6 +218,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """From :meth:`to_dict`'s nested layout, or the flat layout of earlier runs."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a run configuration must be a mapping of sections, got {type(data).__name__}")
         if isinstance(data.get("guide"), str):  # the flat layout of earlier runs
             nested: dict[str, Any] = {}
             for key, value in data.items():
@@ -236,6 +250,8 @@ def preset_config(preset: str, **sections: dict[str, Any] | str) -> RunConfig:
 
 
 def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {name!r} must be a mapping, got {values!r}")
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
@@ -290,8 +306,10 @@ class LaplaceConfig:
             if not 0 < value < float("inf"):
                 raise ValueError(f"--prior-precision must be marglik, marglik-layerwise, val-nll, prior or a positive "
                                  f"finite number, got {self.prior_precision!r}")
-        if self.mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}")
+        check_int("mc_samples", self.mc_samples, low=1)
+        check_bool("a_only", self.a_only)
+        if not isinstance(self.adapter, str) or not isinstance(self.curvature_from, str):
+            raise ValueError("adapter and curvature_from must be folder paths (strings)")
         check_int("glm_max_tokens", self.glm_max_tokens, low=1)
 
     @property

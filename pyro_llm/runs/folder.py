@@ -174,8 +174,7 @@ class RunFolder:
         if not is_run(self.out):
             return "foreign"
         unfinished = read_json(self.out / "config.json").get("state") == "running"
-        only_config = [p.name for p in _contents(self.out)] == ["config.json"]
-        return "unstarted" if unfinished and only_config else "run"
+        return "unstarted" if unfinished and find_checkpoint(self.out) is None else "run"
 
     def open(self) -> Path:
         """Create the folder the run writes into and return it (the staging folder when replacing)."""

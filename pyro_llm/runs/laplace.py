@@ -135,7 +135,16 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
     run_dir = Path(run_dir)
     given = Path(lcfg.adapter)
     adapter_dir, base, _ = resolve_adapter(given, model or cfg.model.name)
-    folder = RunFolder(run_dir, overwrite=overwrite, inputs=(given, adapter_dir, base, cfg.task))
+    folder = RunFolder(run_dir, overwrite=overwrite, inputs=(given, adapter_dir, base, cfg.task,
+                                                             lcfg.curvature_from or None))
+    try:
+        return _laplace_in(folder, cfg, lcfg, adapter_dir, base, progress=progress, cache=cache)
+    finally:
+        folder.release()
+
+
+def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, base: str, *,
+                progress: bool, cache: str | None) -> dict[str, Any]:
     cfg.model.name = base
     task = get_task(cfg.task)
     lcfg.adapter = str(adapter_dir.resolve())
@@ -145,8 +154,9 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
     net.dataset_size = len(train)
     source = _curvature_source(lcfg, cfg, adapter_dir) if lcfg.curvature_from else None
     with folder as out:
-        shutil.copytree(adapter_dir, out / "adapter")  # the run is self-contained
+        # config.json first: a kill during the copy leaves a run that its rerun starts afresh
         write_config(out, "laplace", cfg, state="running", laplace=asdict(lcfg))
+        shutil.copytree(adapter_dir, out / "adapter")  # the run is self-contained
         start = time.perf_counter()
         if source is None:
             gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)

@@ -9,12 +9,12 @@ from typing import Any, Callable, Sequence
 import pyro
 import torch
 
-from ..checks import check_int, check_real
+from ..checks import MAX_SEED, check_int, check_real
 from ..data import EncodedDataset, TaskSpec, get_task
 from ..evaluation import Metrics, compute_metrics, fit_temperature_to_probs, temper
-from ..io import atomic_write_json
+from ..io import CorruptFileError, atomic_write_json, read_json
 from .common import (LoadedRun, evaluation_limit, load_split, read_config, recorded_predictions, retarget_head,
-                     score)
+                     run_config_of, score)
 from .laplace import LaplaceRun, load_laplace_run
 from .svi import load_svi_run, svi_predictor
 from .zero_shot import load_zero_shot_run
@@ -40,7 +40,7 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
     """``(predict, tag, facts)``: the run's predictive as ``predict(data) -> probs`` (reproducible:
     every call draws from ``seed``, default the run's), a tag naming its options, and the facts
     to record beside its metrics."""
-    check_int("seed", seed, low=0, optional=True)
+    check_int("seed", seed, low=0, high=MAX_SEED, optional=True)
     seed = run.config.optim.seed if seed is None else seed
     if isinstance(run, LaplaceRun):
         n = run.config.eval.samples if samples is None else samples
@@ -139,6 +139,8 @@ def evaluate_ensemble(run_dirs: Sequence[str | Path], task: str | None = None, *
     if len(run_dirs) < 2:
         raise ValueError("an ensemble needs at least two runs")
     check_int("limit", limit, low=1, optional=True)
+    if out is not None:
+        _check_ensemble_out(Path(out), [Path(d) for d in run_dirs])
     total: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     first = None
@@ -167,6 +169,29 @@ def evaluate_ensemble(run_dirs: Sequence[str | Path], task: str | None = None, *
         atomic_write_json(out, {"ensemble": [str(d) for d in run_dirs], "task": spec.name, "split": split,
                                 "metrics": metrics.as_dict()})
     return metrics
+
+
+def _check_ensemble_out(out: Path, run_dirs: list[Path]) -> None:
+    """The ensemble's ``--out`` may not lie inside a member run or its base model's folder, and may
+    replace only an earlier ensemble result (a JSON file with an ``ensemble`` entry)."""
+    here = out.resolve()
+    inputs = list(run_dirs)
+    for d in run_dirs:
+        name = run_config_of(d).model.name
+        if name and Path(name).exists():
+            inputs.append(Path(name))
+    for item in inputs:
+        if item.resolve() == here or item.resolve() in here.parents:
+            raise ValueError(f"--out {out} lies inside the input {item}; write the ensemble's result elsewhere")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a JSON file")
+    if out.exists():
+        try:
+            ours = "ensemble" in read_json(out)
+        except (CorruptFileError, OSError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out} exists and is not an ensemble result pyro-llm wrote; it is left untouched")
 
 
 __all__ += ["Run"]

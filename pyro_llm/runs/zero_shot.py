@@ -34,14 +34,17 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     run_dir = Path(run_dir)
     task = get_task(cfg.task)
     folder = RunFolder(run_dir, overwrite=overwrite, inputs=(cfg.model.name, cfg.task))
-    cfg.guide = GuideConfig("map")
-    pyro.clear_param_store()
-    model, tok = build_for(cfg, task, None, cache)
-    with folder as out:
-        write_config(out, "zero-shot", cfg, state="running")
-        metrics, _ = evaluate_loaded(LoadedRun(model, BaseModelGuide(model), tok, cfg, task, out), task, samples=0,
-                                     progress=progress)
-        write_config(out, "zero-shot", cfg, state="finished")
+    try:
+        cfg.guide = GuideConfig("map")
+        pyro.clear_param_store()
+        model, tok = build_for(cfg, task, None, cache)
+        with folder as out:
+            write_config(out, "zero-shot", cfg, state="running")
+            metrics, _ = evaluate_loaded(LoadedRun(model, BaseModelGuide(model), tok, cfg, task, out), task,
+                                         samples=0, progress=progress)
+            write_config(out, "zero-shot", cfg, state="finished")
+    finally:
+        folder.release()
     return {f"{task.name}/test": metrics.as_dict()}
 
 

@@ -50,7 +50,7 @@ def test_random_kills_then_resume_equal_the_uninterrupted_run(tiny_llama, tmp_pa
     _kill_when(cmd, lambda: True, rng.uniform(0.0, 1.0))
     _kill_when(cmd + ["--resume"] if out.is_dir() else cmd, lambda: (out / "config.json").is_file(), 0.0)
     assert not state.exists()  # this kill came before the first checkpoint
-    for _ in range(2):
+    for _ in range(4):
         _kill_when(cmd + ["--resume"], lambda: state.is_file(), rng.uniform(0.0, 0.5))
     done = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
