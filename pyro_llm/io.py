@@ -67,7 +67,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     except FileWriteError:
         raise
-    except (OSError, RuntimeError) as err:  # torch's full-disk error is a RuntimeError naming no file
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch's full-disk error names no file
         raise FileWriteError(f"could not write {path}: {' '.join(str(err).split())[:300]}") from err
     finally:
         tmp.unlink(missing_ok=True)
@@ -93,8 +93,25 @@ def atomic_save_tensors(
     meta = dict(metadata or {})
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    with atomic_path(path) as tmp:  # names in sorted order: identical runs write identical bytes
+    with atomic_path(path) as tmp:
         save_file(dict(sorted(stored.items())), str(tmp), metadata=dict(sorted(meta.items())) or None)
+        _sort_header(tmp)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys (and metadata keys) in sorted order: the library
+    writes metadata in hash order, so identical runs would otherwise differ in bytes. The header
+    keeps its length (the same keys, reordered), so no tensor moves."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

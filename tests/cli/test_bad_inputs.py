@@ -68,7 +68,20 @@ def world(tmp_path, tiny_llama, trained, other_base_adapter) -> dict[str, Path]:
     no_adapter = tmp_path / "no-adapter"
     no_adapter.mkdir()
     (no_adapter / "README").write_text("nothing here\n")
+    line = {"question": "q?", "choices": ["a", "b"], "split": "train"}
+    for name, answer in (("answer_frac", 1.7), ("answer_bool", True)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps({**line, "answer": answer}) for _ in range(8)))
+    adapters = {}
+    for name in ("trunc-adapter", "json-adapter", "rank-adapter"):
+        adapters[name.replace("-", "_")] = tmp_path / name
+        shutil.copytree(trained / "adapter", tmp_path / name)
+    weights = tmp_path / "trunc-adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    (tmp_path / "json-adapter" / "adapter_config.json").write_text("{ not json")
+    config = json.loads((tmp_path / "rank-adapter" / "adapter_config.json").read_text())
+    (tmp_path / "rank-adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": "eight"}))
     return {"model": tiny_llama, "run": run, "thesis": thesis, "file": tmp_path / "a-file.txt",
+            "answer_frac": tmp_path / "answer_frac.jsonl", "answer_bool": tmp_path / "answer_bool.jsonl", **adapters,
             "latin1": tmp_path / "latin1.jsonl", "broken": broken, "bad_config": bad_config,
             "no_adapter": no_adapter, "other_adapter": other_base_adapter, "out": tmp_path / "out",
             "root": tmp_path}
@@ -120,7 +133,19 @@ CASES = [
     ("out-is-the-model", SVI + ["--out", "{model}", "--overwrite"], "overlaps the input"),
     ("overwrite-and-resume", SVI + ["--out", "{run}", "--overwrite", "--resume"], "exclude each other"),
     ("existing-run", SVI + ["--out", "{run}"], "--overwrite"),
-    ("resume-other-options", SVI + ["--out", "{run}", "--resume", "--lr", "0.5"], "differs from the options"),
+    ("resume-finished-run", SVI + ["--out", "{run}", "--resume", "--lr", "0.5"], "holds a finished run"),
+    ("seed-beyond-64-bits", SVI + ["--seed", str(2 ** 64), "--out", "{out}"], "seed must be <="),
+    ("split-fractions-nan", SVI + ["--split-fractions", "nan,0.5,0.5", "--out", "{out}"], "split_fractions must be"),
+    ("answer-fraction", SVI + ["--task", "{answer_frac}", "--out", "{out}"], "answer.*1.7"),
+    ("answer-boolean", SVI + ["--task", "{answer_bool}", "--out", "{out}"], "answer.*True"),
+    ("laplace-truncated-adapter-weights", ["laplace", "--adapter", "{trunc_adapter}", "--model", "{model}",
+                                           "--out", "{out}"], "trunc-adapter"),
+    ("laplace-adapter-config-not-json", ["laplace", "--adapter", "{json_adapter}", "--model", "{model}",
+                                         "--out", "{out}"], "json-adapter/adapter_config.json"),
+    ("laplace-adapter-rank-a-word", ["laplace", "--adapter", "{rank_adapter}", "--model", "{model}",
+                                     "--out", "{out}"], "rank-adapter/adapter_config.json.*r must be"),
+    ("evaluate-seed-beyond-64-bits", ["evaluate", "{run}", "--seed", str(2 ** 64)], "seed must be <="),
+    ("evaluate-ensemble-out-in-run", ["evaluate", "{run}", "{run}", "--out", "{run}/config.json"], "inside the input"),
     ("overwrite-with-missing-model", SVI + ["--model", "{root}/no-model", "--out", "{run}", "--overwrite"],
      "cannot load model"),
     ("laplace-out-is-adapter", LAPLACE + ["--out", "{run}", "--overwrite"], "overlaps the input"),
@@ -169,10 +194,15 @@ def test_bad_input_is_refused_clearly_and_touches_nothing(world, args, pattern):
 def test_checkpoint_with_an_impossible_step_or_a_pickle_is_refused(world):
     run, ckpt = world["run"], world["run"] / "checkpoint"
     state = json.loads((ckpt / "state.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "state": "running"}))  # killed after its last checkpoint
     (ckpt / "state.json").write_text(json.dumps({**state, "step": -3}))
     args = [a.format(**world) for a in SVI] + ["--out", str(run), "--resume"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "state.json" in res.output and "step >= 0" in res.output, res.output
+    (ckpt / "state.json").write_text(json.dumps({**state, "step": 1000000}))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "state.json" in res.output and "step 1000000" in res.output, res.output
     (ckpt / "state.json").write_text(json.dumps(state))
 
     import pickle
@@ -207,6 +237,13 @@ def test_non_finite_training_stops_before_a_bad_checkpoint(world):
     assert res.exit_code == 0, res.output
 
 
+def _api(name):
+    import pyro_llm.infer
+    import pyro_llm.runs
+
+    return getattr(pyro_llm.runs, name, None) or getattr(pyro_llm.infer, name)
+
+
 @pytest.mark.parametrize("make,pattern", [
     (lambda: __import__("pyro_llm.infer", fromlist=["OptimConfig"]).OptimConfig(lr=math.nan), "lr"),
     (lambda: __import__("pyro_llm.infer", fromlist=["OptimConfig"]).OptimConfig(checkpoint_every=0), "checkpoint_every"),
@@ -221,8 +258,22 @@ def test_non_finite_training_stops_before_a_bad_checkpoint(world):
      "prior-precision"),
     (lambda: __import__("pyro_llm.curvature", fromlist=["KFACConfig"]).KFACConfig(batch_size=0), "batch_size"),
     (lambda: __import__("pyro_llm.runs", fromlist=["EvalConfig"]).EvalConfig(samples=-1), "eval_samples"),
+    (lambda: _api("OptimConfig")(metadata=5), "metadata"),
+    (lambda: _api("OptimConfig")(seed=2 ** 64), "seed"),
+    (lambda: _api("ModelConfig")(device="tpu"), "device"),
+    (lambda: _api("ModelConfig")(name=5), "model"),
+    (lambda: _api("LaplaceConfig")(mc_samples=math.nan), "mc_samples"),
+    (lambda: _api("LaplaceConfig")(mc_samples=2.5), "mc_samples"),
+    (lambda: _api("LaplaceConfig")(mc_samples="x"), "mc_samples"),
+    (lambda: _api("LaplaceConfig")(a_only="yes"), "a_only"),
+    (lambda: _api("RunConfig")(task="nosuch"), "unknown task"),
+    (lambda: _api("RunConfig").from_dict([]), "mapping"),
+    (lambda: _api("RunConfig").from_dict({"lora": {"target_modules": 5}}), "targets"),
+    (lambda: _api("DataConfig")(split_fractions=(math.nan, 0.5, 0.5)), "split_fractions"),
 ], ids=["optim-lr-nan", "optim-checkpoint-0", "optim-warmup", "gaussian-inf", "rank-0", "unknown-guide",
-        "unknown-key", "laplace-inf", "kfac-batch-0", "eval-samples"])
+        "unknown-key", "laplace-inf", "kfac-batch-0", "eval-samples", "optim-metadata", "optim-seed-huge",
+        "model-device", "model-name", "laplace-mc-nan", "laplace-mc-fraction", "laplace-mc-word", "laplace-a-only",
+        "run-task", "run-from-list", "targets-int", "data-fractions-nan"])
 def test_python_api_refuses_what_the_cli_refuses(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
