@@ -106,3 +106,17 @@ def test_preset_follows_the_reference_update_rule(tiny_llama):
     # the KL's cycle moved sigma well away from its initial range, and every B moved from 0
     assert (G.detach() ** 2).mean() > 2 * 0.05 ** 2  # sigma_0 <= eps^2 = 0.0025
     assert all(b.abs().max() > 0 for b in Bs)
+
+
+def test_cycle_lengths_are_the_reference_values_and_blob_cycles_fit_the_run():
+    from pyro_llm.infer.schedules import blob_cycle_length
+    from pyro_llm.runs import ObjectiveConfig
+
+    # the values the reference prints ("M:") for these data sets and batch sizes
+    assert [blob_cycle_length(n, b) for n, b in ((87, 8), (2251, 4), (1098, 4))] == \
+        [_reference_cycle(87, 8, 8), _reference_cycle(2251, 4, 8), _reference_cycle(1098, 4, 8)] == [72, 518, 390]
+    schedule = ObjectiveConfig(kl_schedule="blob-cycles", kl_cycles=4).kl(87, 8, steps=200)
+    weights = [schedule(s) for s in range(200)]
+    peaks = [s for s in range(200) if weights[s] == max(weights)]
+    assert peaks == [49, 99, 149, 199]  # four whole cycles end within the 200 steps
+    assert sum(weights) / 87 == pytest.approx(4.0, rel=1e-3)  # each cycle's pi_i sum to about one KL
