@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pyro_llm.cli import cli
@@ -33,11 +34,39 @@ def test_svi_train_and_evaluate(tiny_llama, tmp_path):
     cfg = json.loads((out / "config.json").read_text())["run"]
     assert cfg["guide"]["name"] == "blob" and cfg["objective"]["kl_schedule"] == "blob"
     assert cfg["optim"]["g_optimizer"] == "sgd" and cfg["optim"]["steps"] == 3  # the preset, then explicit options
+    assert cfg["optim"]["split_kl"] and cfg["eval"]["flipout"] and cfg["lora"]["class_head"]
     refused = _run(args)
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     res = _run(["evaluate", str(out), "--task", "arc-challenge", "--task", "openbookqa", "--limit", "8"])
     assert res.exit_code == 0, res.output
     assert "arc-challenge/test" in res.output and "openbookqa/test" in res.output
+
+
+def test_blob_adam_preset_trains_its_scales_by_adamw(tiny_llama, tmp_path):
+    import pyro
+
+    from pyro_llm.infer import SVITrainer
+    from pyro_llm.runs import preset_config
+    from pyro_llm.runs.registry import ELBOS
+
+    cfg = preset_config("blob-adam", task="arc-easy", model={"name": str(tiny_llama)},
+                        optim={"steps": 2, "batch_size": 4, "lr": 1e-2})
+    assert cfg.objective.kl_weight == 0.1 and cfg.optim.g_optimizer == "adamw" and cfg.guide.name == "blob"
+    from pyro_llm.data import encode_examples, get_task, load_examples
+    from pyro_llm.models import build_model
+
+    task = get_task("arc-easy")
+    model, tok = build_model(str(tiny_llama), task, dataset_size=16)
+    data = encode_examples(load_examples(task, "train", limit=16), tok, task.num_classes, 64)
+    guide = cfg.guide.build(model)
+    trainer = SVITrainer(model, guide, cfg.optim, elbo=ELBOS[cfg.objective.elbo](),
+                         kl_schedule=cfg.objective.kl(16, 4, 2), progress=False)
+    trainer.fit(data)
+    store = dict(pyro.get_param_store().named_parameters())
+    scale_opt = trainer.optimizers[1]
+    assert isinstance(scale_opt, torch.optim.AdamW)
+    assert [p for g in scale_opt.param_groups for p in g["params"]] == [store["blob.G"]]
+    assert trainer.kl_schedule(0) == 0.1
 
 
 def test_zero_shot_equals_an_untrained_adapter(tiny_llama, tmp_path):
