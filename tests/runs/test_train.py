@@ -152,3 +152,27 @@ def test_bfloat16_base_weights_train_on_cpu(tiny_llama):
     assert all(v.dtype == torch.float32 for v in pyro.get_param_store().values())
 
 
+
+
+def test_a_resumed_trainer_uses_its_new_learning_rates_from_the_saved_step(arc_model, tmp_path):
+    import pyro
+
+    from pyro_llm.guides import BLoBGuide
+    from pyro_llm.infer.schedules import warmup_decay
+
+    model, data = arc_model
+    first = OptimConfig(steps=6, batch_size=4, lr=1e-2, g_lr=1e-2, checkpoint_every=2)
+    SVITrainer(model, BLoBGuide(model), first, run_dir=tmp_path, progress=False).fit(data, stop_after=4)
+    lower = OptimConfig(steps=6, batch_size=4, lr=1e-3, g_lr=5e-3, checkpoint_every=2, warmup_ratio=0.5)
+    trainer = SVITrainer(model, BLoBGuide(model), lower, run_dir=tmp_path, progress=False)
+    trainer._setup(data.batch(data.training_batch(0, 4, 0)))
+    from pyro_llm.infer.checkpoint import find_checkpoint, load_checkpoint
+
+    step, _, _, state = load_checkpoint(find_checkpoint(tmp_path))
+    trainer.load_optim_state(state)
+    factor = warmup_decay(6, 0.5)(step)
+    assert step == 4 and factor > 0
+    for opt, base in zip(trainer.optimizers, (1e-3, 5e-3)):
+        assert all(g["lr"] == pytest.approx(base * factor) for g in opt.param_groups)
+    assert trainer.optimizers[0].state  # Adam's moments came back with the checkpoint
+    pyro.clear_param_store()
