@@ -12,6 +12,8 @@ Methods (every one a library feature selected by configuration, nothing written 
   tempered exact ELBO, the KL weight ``w`` chosen per seed on the validation NLL among ``W_GRID``.
 * ``blob-cycles``: BLoB's guide with the MAP's recipe, the reference's ``2^i`` KL reweighting and
   two-optimiser update, its cycles fitted to the planned steps (``--kl-schedule blob-cycles``).
+* ``scale-search``: no training beyond the MAP: ``q(A) = N(A_MAP, s^2)`` with ``s`` chosen on the
+  validation NLL among ``SCALE_GRID`` (:func:`pyro_llm.infer.search_scale`, training-free).
 
 Runs resume (a finished run is never redone); ``--cells`` picks which methods this process trains
 (two processes on a 2-core machine: ``blob-ref`` in one, the rest in the other); ``--tables``
@@ -32,11 +34,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pyro
 import torch
 
-from pyro_llm.evaluation import compute_metrics
+from pyro_llm.evaluation import compute_metrics, predict_proba
+from pyro_llm.infer import search_scale
 from pyro_llm.io import atomic_write_json
-from pyro_llm.runs import RunConfig, evaluate, load_predictions, preset_config, train
+from pyro_llm.runs import RunConfig, evaluate, load_run, load_split, preset_config, record_metrics, train
 
 from .study import CONFIGS, _differences, _fmt, _log, _scored, run_config
 
@@ -47,6 +51,7 @@ TESTBEDS: dict[str, dict[str, Any]] = {"smollm2": CONFIGS["cpu-sst2"],
 TESTBED = TESTBEDS["smollm2"]
 TASK = "sst2"
 W_GRID = (1.0, 0.1, 0.01)
+SCALE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def _testbed(seed: int, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +88,31 @@ def configs(seed: int) -> dict[str, RunConfig]:
 #: ``--cells`` names -> the run names they train
 CELL_RUNS: dict[str, Callable[[str], bool]] = {
     "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
-    "blob-adam": lambda r: r.startswith("blob-adam-")}
+    "blob-adam": lambda r: r.startswith("blob-adam-"), "scale-search": lambda r: False}
+
+
+def _scale_search(map_dir: Path) -> None:
+    """The training-free scale search around a finished MAP run, recorded in its ``metrics.json``
+    under ``<task>/test/scale-search`` (with the scale, each grid point's validation NLL and the
+    search's seconds)."""
+    key = f"{TASK}/test/scale-search"
+    if key in json.loads((map_dir / "metrics.json").read_text()):
+        return
+    t0 = time.perf_counter()
+    run = load_run(map_dir)
+    cfg = run.config
+    validation = load_split(cfg, run.task, "validation", run.tokenizer, None)
+    test = load_split(cfg, run.task, "test", run.tokenizer, cfg.data.test_limit)
+    found = search_scale(run.model, validation, SCALE_GRID, num_samples=cfg.eval.samples, seed=cfg.optim.seed,
+                         batch_size=cfg.eval.batch_size)
+    pyro.set_rng_seed(cfg.optim.seed)
+    probs = predict_proba(run.model, found.guide, test, num_samples=cfg.eval.samples,
+                          batch_size=cfg.eval.batch_size, progress=False)
+    seconds = time.perf_counter() - t0
+    record_metrics(map_dir, key, compute_metrics(probs, test.labels), probs, test.labels,
+                   extra={"scale": found.scale, "validation_nll": {f"{k:g}": v for k, v in found.validation_nll.items()},
+                          "search_seconds": seconds})
+    _log(f"{map_dir}: scale search chose {found.scale:g} in {seconds:.0f} s")
 
 
 def _train(cfg: RunConfig, run_dir: Path) -> None:
@@ -106,6 +135,8 @@ def _validation_nll(run_dir: Path) -> float:
 
 def run_cells(cells: list[str], seeds: list[int], root: Path) -> None:
     for seed in seeds:
+        if "scale-search" in cells and (root / f"seed{seed}" / "map" / "metrics.json").is_file():
+            _scale_search(root / f"seed{seed}" / "map")
         for name, cfg in configs(seed).items():
             if any(CELL_RUNS[c](name) for c in cells):
                 _train(cfg, root / f"seed{seed}" / name)
@@ -122,6 +153,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
     rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     cost: dict[str, list[tuple[int, float]]] = {}
     chosen: dict[int, str] = {}
+    scales: dict[int, float] = {}
     for seed in seeds:
         base = root / f"seed{seed}"
         done = {name: base / name for name in configs(seed) if (base / name / "metrics.json").is_file()}
@@ -129,6 +161,8 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
         if "map" in done:
             methods["map"] = (done["map"], {})
             methods["map+ts"] = (done["map"], {"temperature": "validation"})
+            _scale_search(done["map"])
+            methods["scale-search"] = (done["map"], {})
         for name in ("blob-ref", "blob-cycles"):
             if name in done:
                 methods[name] = (done[name], {})
@@ -141,8 +175,11 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
             scored = _scored(run_dir, TASK, method, None, True, **options)
             if scored is not None:
                 rows.setdefault(method, []).append(scored)
+                extra = json.loads((run_dir / "metrics.json").read_text()).get(f"{TASK}/test/{method}", {})
                 cost.setdefault(method, []).append((len(json.loads((run_dir / "history.json").read_text())),
-                                                    _seconds(run_dir)))
+                                                    _seconds(run_dir) + extra.get("search_seconds", 0.0)))
+                if method == "scale-search":
+                    scales[seed] = extra["scale"]
     full = {m: v for m, v in rows.items() if len(v) == len(seeds)}
     differences = _differences(full, resamples)
     map_seconds = statistics.mean(s for _, s in cost["map"]) if "map" in cost else float("nan")
@@ -154,7 +191,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
              "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict[str, Any] = {}
-    for method in ("map", "map+ts", "blob-ref", "blob-cycles", "blob-adam", "blob-adam+ts"):
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles", "blob-adam", "blob-adam+ts", "scale-search"):
         if method not in rows:
             continue
         ms = [compute_metrics(p, lab).as_dict() for p, lab in rows[method]]
@@ -173,6 +210,9 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
     if chosen:
         lines += ["", "KL weight chosen on validation NLL (blob-adam): "
                   + ", ".join(f"seed {s}: {n.removeprefix('blob-adam-')}" for s, n in sorted(chosen.items()))]
+    if scales:
+        lines += ["", "Scale chosen on validation NLL (scale-search; its seconds add the search to MAP's training): "
+                  + ", ".join(f"seed {s}: {v:g}" for s, v in sorted(scales.items()))]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     atomic_write_json(out / "results.json", {"seeds": seeds, "methods": summary, "paired_differences": differences,
