@@ -325,14 +325,22 @@ def evaluate(run_dirs: tuple[Path, ...], tasks_: tuple[str, ...], split: str, sa
         for task in tasks_ or (None,):
             m = evaluate_ensemble(run_dirs, task, split=split, samples=samples, limit=limit, device=device,
                                   cache=cache_dir, seed=seed, out=out)
-            click.echo(f"ensemble of {len(run_dirs)}, {task or 'own task'}/{split}: {m.summary()}")
+            click.echo(f"ensemble of {len(run_dirs)}, {task or _own_task(run_dirs[0])}/{split}: {m.summary()}")
         return
     if out is not None:
         raise click.UsageError("--out is for ensembles; a single run records its results in its metrics.json")
     for task in tasks_ or (None,):
         m = run_evaluate(run_dirs[0], task, split=split, samples=samples, limit=limit, device=device,
                          cache=cache_dir, predictive=predictive, seed=seed, temperature=temperature)
-        click.echo(f"{task or 'own task'}/{split}: {m.summary()}")
+        click.echo(f"{task or _own_task(run_dirs[0])}/{split}: {m.summary()}")
+
+
+def _own_task(run_dir: Path) -> str:
+    """The task a run was trained on, by its registered name (a task file: the file's name)."""
+    from ..data import get_task
+    from ..runs import run_config_of
+
+    return get_task(run_config_of(run_dir).task).name
 
 
 def main() -> None:  # pragma: no cover

@@ -97,8 +97,9 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
         (:func:`~pyro_llm.runs.common.recorded_predictions`; training records its own), else to new ones.
 
     Every random draw comes from ``seed`` (default: the run's), so a repeated call gives the same
-    numbers. The result is recorded in ``metrics.json`` under ``<task>/<split>/evaluate-<options>``,
-    beside the metrics written at training time, never over them; ``record_as`` replaces the
+    numbers. The result is recorded in ``metrics.json`` under ``<task>/<split>/evaluate-<options>``
+    (a ``limit`` other than the run's own test limit among the options), beside the metrics written
+    at training time, never over them; ``record_as`` replaces the
     ``evaluate-<options>`` part (``""``: under ``<task>/<split>``, as training records its own task)."""
     check_int("samples", samples, low=0, optional=True)
     check_int("limit", limit, low=1, optional=True)
@@ -107,8 +108,11 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
         check_real("temperature", float(temperature), low=0, low_open=True)
     run = load_run(run_dir, device=device, cache=cache)
     spec = get_task(task) if task else run.task
+    given = limit
     limit = evaluation_limit(run.config, limit)  # the examples read, recorded and reused
     predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
+    if given is not None and given != run.config.data.test_limit:  # other examples: their own entry
+        tag += f"-limit{given}"
     if temperature is not None:
         T = _temperature(run, predict, temperature, validation_limit, tag, facts)
         # the same draws on the same examples, already recorded (e.g. at the end of training), are reused

@@ -176,3 +176,13 @@ def test_a_resumed_trainer_uses_its_new_learning_rates_from_the_saved_step(arc_m
         assert all(g["lr"] == pytest.approx(base * factor) for g in opt.param_groups)
     assert trainer.optimizers[0].state  # Adam's moments came back with the checkpoint
     pyro.clear_param_store()
+
+
+def test_evaluations_with_other_limits_keep_their_own_entries(tiny_llama, tmp_path):
+    run = tmp_path / "r"
+    train(_cfg(tiny_llama, "map", steps=2), run, progress=False)
+    a = evaluate(run, limit=4, progress=False)
+    b = evaluate(run, limit=8, progress=False)
+    table = json.loads((run / "metrics.json").read_text())
+    assert table["arc-easy/test/evaluate-n0-seed0-limit4"]["n"] == a.n == 4
+    assert table["arc-easy/test/evaluate-n0-seed0-limit8"]["n"] == b.n == 8
