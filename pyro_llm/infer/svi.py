@@ -378,7 +378,7 @@ class SVITrainer:
         bar = tqdm(range(start, end), desc="svi", disable=not self.progress or rank > 0, initial=start, total=end)
         store = dict(pyro.get_param_store().named_parameters())
         params = [store[n] for n in self.param_names]
-        every = max(1, cfg.steps // 100)  # the scales' trajectory: about 100 points a run
+        every = max(10, cfg.steps // 100)  # the scales' trajectory: at most about 100 points a run
         for step in bar:
             t0 = time.perf_counter()
             batch = data.batch(self._local(data.training_batch(step, cfg.batch_size, cfg.seed)), device)
