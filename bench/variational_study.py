@@ -148,7 +148,7 @@ def _seconds(run_dir: Path) -> float:
     return sum(h["seconds"] for h in json.loads((run_dir / "history.json").read_text()))
 
 
-def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
+def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool = True) -> None:
     """Rows of what has finished: metrics over seeds, paired differences, cost in steps and seconds."""
     rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     cost: dict[str, list[tuple[int, float]]] = {}
@@ -161,14 +161,15 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
         if "map" in done:
             methods["map"] = (done["map"], {})
             methods["map+ts"] = (done["map"], {"temperature": "validation"})
-            _scale_search(done["map"])
-            methods["scale-search"] = (done["map"], {})
+            if search:
+                _scale_search(done["map"])
+                methods["scale-search"] = (done["map"], {})
         for name in ("blob-ref", "blob-cycles"):
             if name in done:
                 methods[name] = (done[name], {})
         grid = [n for n in done if n.startswith("blob-adam-")]
         if len(grid) == len(W_GRID):
-            chosen[seed] = min(grid, key=lambda n: _validation_nll(done[n]))
+            chosen[seed] = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
             methods["blob-adam"] = (done[chosen[seed]], {})
             methods["blob-adam+ts"] = (done[chosen[seed]], {"temperature": "validation"})
         for method, (run_dir, options) in methods.items():
@@ -208,7 +209,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int) -> None:
                      + " | ".join(cells) + " |")
         summary[method] = {"metrics": ms, "steps": steps, "train_seconds": secs}
     if chosen:
-        lines += ["", "KL weight chosen on validation NLL (blob-adam): "
+        lines += ["", f"KL weight of blob-adam (chosen on validation NLL among {', '.join(f'{w:g}' for w in W_GRID)}): "
                   + ", ".join(f"seed {s}: {n.removeprefix('blob-adam-')}" for s, n in sorted(chosen.items()))]
     if scales:
         lines += ["", "Scale chosen on validation NLL (scale-search; its seconds add the search to MAP's training): "
@@ -264,7 +265,7 @@ def main() -> None:
     root = Path(args.runs_dir)
     if not args.tables:
         run_cells(args.cells, args.seeds, root)
-    tables(args.seeds, root, Path(args.out), args.resamples)
+    tables(args.seeds, root, Path(args.out), args.resamples, search="scale-search" in args.cells)
 
 
 if __name__ == "__main__":
