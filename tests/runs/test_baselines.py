@@ -100,7 +100,7 @@ def test_tempered_evaluations_share_one_validation_pass(runs):
     atomic_save_tensors(run_dir / "predictions" / "arc-easy_validation_evaluate-n3-seed11.safetensors",
                         {"probs": planted, "labels": labels})
     evaluate(run_dir, "openbookqa", progress=False, limit=8, seed=11, temperature="validation")
-    again = json.loads((run_dir / "metrics.json").read_text())["openbookqa/test/evaluate-n3-seed11-Tval"]
+    again = json.loads((run_dir / "metrics.json").read_text())["openbookqa/test/evaluate-n3-seed11-limit8-Tval"]
     assert again["temperature"] == pytest.approx(fit_temperature_to_probs(planted, labels), rel=1e-9)
     assert again["temperature"] != pytest.approx(T, rel=1e-3)
 
