@@ -177,16 +177,14 @@ class SVITrainer:
         cfg = self.config
         self.optimizers = [_optimizer(torch.optim.AdamW, main, lr=cfg.lr, eps=cfg.adam_eps,
                                       weight_decay=cfg.weight_decay)]
-        if g_params:
+        if cfg.split_kl:  # the reference's second optimiser: SGD on every parameter, for the KL's gradient
+            self.optimizers.append(torch.optim.SGD(main + g_params, lr=cfg.g_lr))
+        elif g_params:
             if cfg.g_optimizer == "sgd":
                 self.optimizers.append(_optimizer(torch.optim.SGD, g_params, lr=cfg.g_lr))
             else:
                 self.optimizers.append(_optimizer(torch.optim.AdamW, g_params, lr=cfg.g_lr, eps=cfg.adam_eps,
                                                   weight_decay=0.0))
-        if cfg.split_kl:  # the reference's second optimiser: SGD on every parameter, for the KL's gradient
-            if len(self.optimizers) > 1:
-                self.optimizers.pop()
-            self.optimizers.append(torch.optim.SGD(main + g_params, lr=cfg.g_lr))
         factor = warmup_decay(cfg.steps, cfg.warmup_ratio, cfg.decay)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
 

@@ -101,11 +101,11 @@ class RunFolder:
             raise ValueError("--overwrite and --resume exclude each other")
         self.out = Path(out)
         self._lock = RunLock(self.out)
+        self._check_inputs(inputs)  # before the lock: a refused output never takes it
         if lock:
-            self._check_inputs(inputs)
             self._lock.acquire()
         try:
-            self._decide(overwrite, resume, inputs)
+            self._decide(overwrite, resume)
         except BaseException:
             self.release()
             raise
@@ -138,8 +138,7 @@ class RunFolder:
             shutil.rmtree(staging)  # a replacement that never completed: the run in --out is whole
         remove_transient(self.out)
 
-    def _decide(self, overwrite: bool, resume: bool, inputs: Iterable[str | os.PathLike | None]) -> None:
-        self._check_inputs(inputs)
+    def _decide(self, overwrite: bool, resume: bool) -> None:
         if self.out.exists() and not self.out.is_dir():
             raise RunDirExistsError(f"--out {self.out} is a file, not a folder")
         if self._lock.held:
