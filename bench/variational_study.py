@@ -45,11 +45,16 @@ from pyro_llm.runs import RunConfig, evaluate, load_run, load_split, preset_conf
 from .study import CONFIGS, _differences, _fmt, _log, _scored, run_config
 
 #: SmolLM2-135M as in the calibration study (about 1-2 s a training step on 2 cores: short budgets
-#: only), and MiniLM-L6 on the same cut (about 0.2 s a step: the reference recipe's 5000 steps fit)
-TESTBEDS: dict[str, dict[str, Any]] = {"smollm2": CONFIGS["cpu-sst2"],
-                                       "minilm": dict(CONFIGS["cpu-sst2"], model="minilm-l6", lr=2e-3)}
-TESTBED = TESTBEDS["smollm2"]
-TASK = "sst2"
+#: only), MiniLM-L6 on the same cut (about 0.2 s a step: the reference recipe's 5000 steps fit), and
+#: SmolLM2 on PIQA in cloze form (``cpu-piqa``: 1098 / 186 / 554 questions); each with its task and
+#: the description its table starts with
+TESTBEDS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "smollm2": (CONFIGS["cpu-sst2"], "sst2", "SST-2 (the `cpu-sst2` cut: 87 / 262 / 523 sentences)"),
+    "minilm": (dict(CONFIGS["cpu-sst2"], model="minilm-l6", lr=2e-3), "sst2",
+               "SST-2 (the `cpu-sst2` cut: 87 / 262 / 523 sentences)"),
+    "smollm2-piqa": (CONFIGS["cpu-piqa"], "piqa-cloze", "PIQA in cloze form (the `cpu-piqa` cut: 1098 / 186 / 554 "
+                                                         "questions)")}
+TESTBED, TASK, DESCRIPTION = TESTBEDS["smollm2"]
 W_GRID = (1.0, 0.1, 0.01)
 SCALE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -184,7 +189,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
     full = {m: v for m, v in rows.items() if len(v) == len(seeds)}
     differences = _differences(full, resamples)
     map_seconds = statistics.mean(s for _, s in cost["map"]) if "map" in cost else float("nan")
-    lines = [f"{TESTBED['model']} on SST-2 (the `cpu-sst2` cut: 87 / 262 / 523 sentences), seeds {seeds}; "
+    lines = [f"{TESTBED['model']} on {DESCRIPTION}, seeds {seeds}; "
              f"ECE in %, 15 bins; mean ± std over seeds; differences on the seeds' pooled test predictions "
              f"[95 % paired bootstrap interval, {resamples} resamples]; cost: training steps and seconds "
              f"(sum of the steps' times) and their ratio to MAP's training.", "",
@@ -259,8 +264,8 @@ def main() -> None:
     ap.add_argument("--weights", type=float, nargs="+", default=None,
                     help="the KL weights blob-adam chooses among on validation NLL (default: 1, 0.1, 0.01)")
     args = ap.parse_args()
-    global TESTBED, W_GRID
-    TESTBED = TESTBEDS[args.testbed]
+    global TESTBED, TASK, DESCRIPTION, W_GRID
+    TESTBED, TASK, DESCRIPTION = TESTBEDS[args.testbed]
     W_GRID = tuple(args.weights) if args.weights else W_GRID
     root = Path(args.runs_dir)
     if not args.tables:

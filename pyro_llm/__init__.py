@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 from .guides import BLoBGuide, LaplaceGuide  # noqa: E402
 from .models import BayesianLoRAModel, build_model  # noqa: E402
 from .poutine import flipout, kl_weight  # noqa: E402
-from .priors import GaussianPrior, LaplacePrior, SitePrior, StudentTPrior  # noqa: E402
+from .priors import GaussianPrior, HierarchicalGaussianPrior, LaplacePrior, SitePrior, StudentTPrior  # noqa: E402
 
 __all__ = [
-    "BLoBGuide", "BayesianLoRAModel", "GaussianPrior", "LaplaceGuide", "LaplacePrior", "SitePrior",
+    "BLoBGuide", "BayesianLoRAModel", "GaussianPrior", "HierarchicalGaussianPrior", "LaplaceGuide", "LaplacePrior", "SitePrior",
     "StudentTPrior", "__version__", "build_model", "flipout", "kl_weight",
 ]

@@ -18,13 +18,15 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Protocol, Union, runtime_checkable
 
+import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from .checks import check_real
 
-__all__ = ["Prior", "IIDPrior", "GaussianPrior", "LaplacePrior", "StudentTPrior", "SitePrior", "as_prior"]
+__all__ = ["Prior", "IIDPrior", "GaussianPrior", "HierarchicalGaussianPrior", "LaplacePrior", "StudentTPrior",
+           "SitePrior", "as_prior", "iid_over"]
 
 
 @runtime_checkable
@@ -93,6 +95,38 @@ class StudentTPrior(IIDPrior):
         check_real("prior scale", scale, low=0, low_open=True)
         check_real("prior loc", loc)
         super().__init__(dist.StudentT(torch.tensor(float(df)), torch.tensor(float(loc)), torch.tensor(float(scale))))
+
+
+def iid_over(base: dist.TorchDistribution, shape: torch.Size) -> dist.TorchDistribution:
+    """``base`` i.i.d. over every entry of a site of ``shape``, as a distribution of event shape
+    ``shape``. ``base``'s parameters may carry batch dimensions that a hyper-parameter drawn inside
+    a vectorised plate gives them (``Predictive(..., parallel=True)`` draws ``tau`` with shape
+    ``(S, 1)``): they stay batch dimensions, in front of the site's. ``Normal(0, tau).expand(shape)``
+    would instead try to broadcast ``(S, 1)`` against the site's rows and fail."""
+    shape = torch.Size(shape)
+    batch = base.batch_shape
+    params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
+    widened = {k: torch.as_tensor(v).expand(batch).reshape(batch + (1,) * len(shape)) for k, v in params.items()}
+    return type(base)(**widened).expand(batch + shape).to_event(len(shape))
+
+
+class HierarchicalGaussianPrior:
+    """``A_site ~ N(0, tau_site^2)`` entry-wise with a per-site scale ``tau_site ~ HalfCauchy(scale)``,
+    a latent site named ``<site>_tau`` (``BLoBGuide`` guides it with an ``AutoNormal``): the prior's
+    scale is learnt per site instead of fixed. Safe under vectorised sampling (:func:`iid_over`)."""
+
+    def __init__(self, scale: float = 0.2) -> None:
+        check_real("prior scale", scale, low=0, low_open=True)
+        self.scale = float(scale)
+
+    def prior_dist(self, name: str, module: nn.Module, shape: torch.Size) -> dist.TorchDistribution:
+        ref = next(iter(module.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        tau = pyro.sample(f"{name}_tau", dist.HalfCauchy(torch.tensor(self.scale, device=device)))
+        return iid_over(dist.Normal(torch.zeros_like(tau), tau), shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale:g})"
 
 
 class SitePrior:

@@ -6,7 +6,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoNormal
+from torch.distributions import biject_to
+from pyro.infer.autoguide import AutoCallable, AutoGuideList, AutoLaplaceApproximation, AutoNormal
 
 from ..models.model import BayesianLoRAModel
 
@@ -21,8 +22,22 @@ class ReportsScales(Protocol):
 
 
 def guide_median(guide: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The guide's point estimate of each site (posterior mean for Gaussian guides)."""
+    """The guide's point estimate of each site (posterior mean for Gaussian guides; for Pyro's
+    ``AutoLaplaceApproximation``, whose ``median`` is not implemented before its Hessian is taken,
+    the MAP it trains: its latent ``loc`` unpacked per site and constrained). The parts of an
+    ``AutoGuideList`` answer for their sites, a custom part through the ``AutoCallable`` Pyro wraps
+    it in (whose own ``median`` knows nothing)."""
+    if isinstance(guide, AutoGuideList):
+        return {k: v for part in guide for k, v in guide_median(part, batch).items()}
+    if isinstance(guide, AutoCallable) and hasattr(guide._guide, "median"):
+        return guide_median(guide._guide, batch)
     with torch.no_grad():
+        if isinstance(guide, AutoLaplaceApproximation):
+            if guide.prototype_trace is None:
+                guide._setup_prototype(**batch)
+            # AutoContinuous's own unpacking of its latent vector (the site layout it built)
+            return {site["name"]: biject_to(site["fn"].support)(value).detach()
+                    for site, value in guide._unpack_latent(guide.loc)}
         values = guide.median(**batch)
     return {k: v.detach() for k, v in values.items()}
 

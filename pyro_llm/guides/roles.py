@@ -11,7 +11,8 @@ the trainer must learn which is which without matching names. A guide declares i
 The tensors are the unconstrained ones Pyro's parameter store holds (``pyro.param`` of a real
 parameter returns that very tensor). Pyro's own autoguides declare nothing; :func:`param_roles`
 knows their structure by type (``AutoNormal.scales``, the ``scale``/``cov_factor``/``scale_tril``
-of the joint Gaussians, an ``AutoGuideList``'s parts). Every parameter not declared a scale is a
+of the joint Gaussians, an ``AutoGuideList``'s parts, a custom
+guide among them through the ``AutoCallable`` Pyro wraps it in). Every parameter not declared a scale is a
 location.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
-from pyro.infer.autoguide import (AutoDiagonalNormal, AutoGuideList, AutoLowRankMultivariateNormal,
+from pyro.infer.autoguide import (AutoCallable, AutoDiagonalNormal, AutoGuideList, AutoLowRankMultivariateNormal,
                                   AutoMultivariateNormal, AutoNormal)
 
 __all__ = ["DeclaresParamGroups", "LOC", "SCALE", "declared_param_groups", "param_roles"]
@@ -38,6 +39,8 @@ class DeclaresParamGroups(Protocol):
 def _autoguide_scales(guide: Any) -> list[torch.Tensor]:
     if isinstance(guide, AutoGuideList):
         return [t for part in guide for t in declared_param_groups(part).get(SCALE, [])]
+    if isinstance(guide, AutoCallable):  # how AutoGuideList.append holds a guide that is not an AutoGuide
+        return declared_param_groups(guide._guide).get(SCALE, [])
     if isinstance(guide, AutoNormal):
         return list(guide.scales.parameters())
     own = dict(guide.named_parameters(recurse=False)) if isinstance(guide, torch.nn.Module) else {}

@@ -21,6 +21,7 @@ GLM predictive over a log-spaced grid (``"val-nll"``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,8 @@ def prior_precision_of(model: BayesianLoRAModel) -> float:
     every site (:class:`~pyro_llm.priors.GaussianPrior`); a clear error otherwise."""
     prior = model.prior
     base = getattr(prior, "base", None)
-    if isinstance(prior, IIDPrior) and type(base).__name__ == "Normal" and float(base.loc) == 0.0:
+    if isinstance(prior, IIDPrior) and isinstance(base, torch.distributions.Normal) and base.loc.numel() == 1 \
+            and float(base.loc) == 0.0 and base.scale.numel() == 1:
         return float(1.0 / base.scale ** 2)
     raise ValueError(f"the Laplace approximation needs a zero-mean i.i.d. Gaussian prior to read its precision "
                      f"from, and the model's prior is {prior!r}: pass prior_precision=<number>, 'marglik' or 'val-nll'")
@@ -127,10 +129,24 @@ def _at_initialisation(model: BayesianLoRAModel) -> bool:
     return bool(bs) and all(not b.detach().any() for b in bs)
 
 
+def _check_extent(model: BayesianLoRAModel, a_only: bool | None) -> None:
+    has_b = any(s.matrix == "B" for s in model.sites)
+    if a_only is True and has_b:
+        raise ValueError("a_only=True, but the model's B matrices are sample sites: build it with b_site=False")
+    if a_only is False and not has_b:
+        raise ValueError("a_only=False asks for a posterior over A and B, but the model's B matrices are parameters: "
+                         "build it with b_site=True (as `pyro-llm laplace` does)")
+    if a_only is None and not has_b:
+        warnings.warn("fit_laplace: a posterior over A only (this model's B matrices are parameters); `pyro-llm "
+                      "laplace` fits A and B by default: build the model with b_site=True for that, or pass "
+                      "a_only=True to say A alone is meant", UserWarning, stacklevel=3)
+
+
 def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACConfig = KFACConfig(), *,
                 guide: Any = None, prior_precision: str | float | None = "marglik", layerwise: bool = False,
                 validation: EncodedDataset | None = None, glm_max_tokens: int | None = GLM_MAX_TOKENS,
-                progress: bool = True, generator: torch.Generator | None = None) -> LaplaceFit:
+                progress: bool = True, generator: torch.Generator | None = None,
+                a_only: bool | None = None) -> LaplaceFit:
     """K-FAC Laplace around the MAP (module docstring).
 
     :param guide: the trained point guide (``AutoDelta``, or any guide with ``median``); its
@@ -141,7 +157,13 @@ def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACCon
     :param validation: the validation set of ``"val-nll"``.
     :param glm_max_tokens: bound on the padded tokens of one batch of the validation set's GLM
         pass (``"val-nll"``; see :func:`~pyro_llm.evaluation.glm.glm_logit_moments`).
+    :param a_only: the posterior covers the model's sites, so its extent is the model's: ``A`` and
+        ``B`` for a model built with ``b_site=True`` (``pyro-llm laplace``'s default, the paper's),
+        ``A`` alone for one whose ``B`` are parameters (``build_model``'s default, an SVI model).
+        ``True`` / ``False`` states which is meant and refuses the other model; ``None`` accepts
+        either and warns (:class:`UserWarning`) when ``B`` is left out.
     """
+    _check_extent(model, a_only)
     if guide is not None:
         write_back_means(model, guide, train.batch(torch.arange(min(2, len(train))), model.device))
     elif _at_initialisation(model):

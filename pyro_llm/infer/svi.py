@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyro
+import pyro.distributions as pdist
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..checks import MAX_SEED, check_choice, check_int, check_real
 from ..data.collate import EncodedDataset
+from ..distributions import base_distribution
 from ..guides.ops import guide_scales
 from ..guides.roles import LOC, SCALE, param_roles
 from ..models.model import BayesianLoRAModel
@@ -111,10 +113,31 @@ def _optimizer(cls: type[torch.optim.Optimizer], params: list[torch.Tensor], **k
         return cls(params, **kwargs)
 
 
+def progress_fields(record: dict[str, float], sigma: float | None = None) -> dict[str, str]:
+    """What the progress bar shows of a step, in terms a user can read: the data's NLL per example;
+    the KL per example and its share of the loss (under a tempered or cycled KL the weighted one),
+    or a MAP's ``-log p(A) / N``; the guide's mean ``sigma`` (``sigma``: the last one recorded)."""
+    out = {"nll": f"{record['nll']:.4g}"} if "nll" in record else {"loss": f"{record['loss']:.4g}"}
+    if "kl" in record and "nll" in record:
+        total = abs(record["nll"]) + abs(record["kl"])
+        out["kl"] = f"{record['kl']:.4g}"
+        out["kl_share"] = f"{100 * abs(record['kl']) / total:.0f}%" if total > 0 else "0%"
+    if "neg_log_prior" in record:
+        out["-log_prior"] = f"{record['neg_log_prior']:.4g}"
+    sigma = record.get("sigma_mean", sigma)
+    if sigma is not None:
+        out["sigma"] = f"{sigma:.3g}"
+    return out
+
+
 class SVITrainer:
     """Trains ``guide`` (and the model's deterministic params) on ``data`` by SVI.
 
-    :param use_flipout: wrap each step in :func:`pyro_llm.poutine.flipout`.
+    :param use_flipout: wrap each step in :func:`pyro_llm.poutine.flipout` over the model's LoRA
+        sites. ``None`` (default): Flipout wherever a site's guide distribution is a Normal marginal,
+        silently elsewhere (a point guide trains as it is); ``True``: the same, with a
+        :class:`~pyro_llm.poutine.FlipoutNotApplied` warning naming the sites it cannot apply to;
+        ``False``: off.
     :param kl_schedule: KL weight per step (default: the exact ELBO, ``w = 1``).
     :param run_dir: where checkpoints go (none without it).
     :param validate_every_step: keep Pyro's validation (distribution arguments, model/guide match)
@@ -124,16 +147,16 @@ class SVITrainer:
     """
 
     def __init__(self, model: BayesianLoRAModel, guide: Callable[..., Any], config: OptimConfig, *,
-                 elbo: ELBO | None = None, use_flipout: bool = True, kl_schedule: KLSchedule | None = None,
+                 elbo: ELBO | None = None, use_flipout: bool | None = None, kl_schedule: KLSchedule | None = None,
                  run_dir: Path | None = None, progress: bool = True, validate_every_step: bool = False) -> None:
         self.model = model
         self.guide = guide
         self.config = config
         self.elbo = elbo or MeanFieldELBO()
         self.validate_every_step = validate_every_step
-        self.use_flipout = use_flipout
+        self.use_flipout = use_flipout is not False
         # one handler for all steps: it learns which sites read the same input and fuses their products
-        self._flipout = FlipoutMessenger()
+        self._flipout = FlipoutMessenger(sites=model.site_names, warn=use_flipout is True)
         self.kl_schedule = kl_schedule or ConstantKL(1.0)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
@@ -143,6 +166,7 @@ class SVITrainer:
         self.history: list[dict[str, float]] = []
         self.last_checkpoint = 0  # the step of the last checkpoint written or resumed from
         self.last_terms: dict[str, float] = {}  # the last step's per-example NLL and KL (MeanFieldELBO)
+        self._point = False  # every latent site a point mass (set at the first step)
 
     # -- the loss ----------------------------------------------------------------------------------
     def _examples(self, batch: dict[str, torch.Tensor]) -> int:
@@ -172,6 +196,7 @@ class SVITrainer:
             self.loss(batch, 0)
         store = dict(pyro.get_param_store().named_parameters())
         self.param_names = sorted(tr.trace.nodes)
+        self._point = self._is_point_guide(batch)
         roles = param_roles(self.guide, [store[n] for n in self.param_names])
         main, g_params = roles[LOC], roles[SCALE]
         cfg = self.config
@@ -187,6 +212,17 @@ class SVITrainer:
                                                   weight_decay=0.0))
         factor = warmup_decay(cfg.steps, cfg.warmup_ratio, cfg.decay)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
+
+    def _is_point_guide(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether every latent site of the guide is a point mass (``AutoDelta``, a MAP): the ELBO's
+        second term is then ``-log p(A) / N``, the prior's penalty, not a KL, and is named so. One
+        guide pass on the set-up batch, its random draws taken from a forked generator."""
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
+            trace = poutine.trace(self.guide).get_trace(**batch)
+        latent = [node for node in trace.nodes.values() if node["type"] == "sample" and not node["is_observed"]]
+        return bool(latent) and all(isinstance(base_distribution(node["fn"]), pdist.Delta) and
+                                    not node["infer"].get("is_auxiliary") for node in latent)
 
     def optim_state(self) -> dict[str, Any]:
         return {"optimizers": [o.state_dict() for o in self.optimizers],
@@ -377,17 +413,22 @@ class SVITrainer:
         store = dict(pyro.get_param_store().named_parameters())
         params = [store[n] for n in self.param_names]
         every = max(10, cfg.steps // 100)  # the scales' trajectory: at most about 100 points a run
+        sigma = next((h["sigma_mean"] for h in reversed(self.history) if "sigma_mean" in h), None)
         for step in bar:
             t0 = time.perf_counter()
             batch = data.batch(self._local(data.training_batch(step, cfg.batch_size, cfg.seed)), device)
             loss = self.step(batch, step, params)
-            record = {"step": step, "loss": float(loss), **self.last_terms, "kl_weight": float(self.kl_schedule(step)),
+            terms = dict(self.last_terms)
+            if self._point and "kl" in terms:  # a MAP's second term is the prior's penalty, not a KL
+                terms["neg_log_prior"] = terms.pop("kl")
+            record = {"step": step, "loss": float(loss), **terms, "kl_weight": float(self.kl_schedule(step)),
                       "seconds": time.perf_counter() - t0}
             done = step + 1
             if done % every == 0 or done == end:
                 record.update(self._scale_means())
             self.history.append(record)
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "nll", "kl", "sigma_mean") if k in record})
+            sigma = record.get("sigma_mean", sigma)
+            bar.set_postfix(progress_fields(record, sigma), refresh=False)
             if rank == 0 and self.run_dir is not None and (done % cfg.checkpoint_every == 0 or done == end):
                 self._check_params_finite(params, step)
                 save_checkpoint(self.run_dir, self.param_names, self.optim_state(), done, self.history)

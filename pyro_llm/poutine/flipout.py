@@ -20,8 +20,9 @@ Pyro's ``AutoNormal`` on a real-valued site (an auxiliary ``<site>_unconstrained
 site a ``Delta`` exactly on its value: the handler recognises the pair by the value's identity
 and perturbs with the auxiliary draw). Sites whose guide marginal is not Normal (``AutoDelta``'s
 point masses, a low-rank or Kronecker-factored joint) pass through unchanged, and the handler
-says so once with a :class:`FlipoutNotApplied` warning naming them; so do products with a
-leading sample dimension. Use it around whatever runs guide *and* model (an ELBO call,
+says so once, at the end of the pass, with a :class:`FlipoutNotApplied` warning naming those LoRA
+sites (``warn=False`` keeps it quiet); products with a leading sample dimension (a vectorised
+``Predictive``) pass through too. Use it around whatever runs guide *and* model (an ELBO call,
 ``SVI.step``, ``Predictive``)::
 
     with flipout():
@@ -155,11 +156,14 @@ class FlipoutMessenger(Messenger):
     never correctness.
 
     :param sites: restrict Flipout to these site names (default: every site with a Normal guide).
+    :param warn: say which LoRA sites it leaves alone (:class:`FlipoutNotApplied`), once each; off
+        where Flipout is applied wherever it can be without anyone having asked for it.
     """
 
-    def __init__(self, sites: Iterable[str] | None = None) -> None:
+    def __init__(self, sites: Iterable[str] | None = None, warn: bool = True) -> None:
         super().__init__()
         self.sites = None if sites is None else frozenset(sites)
+        self.warn = warn
         self._q: dict[str, dist.Normal] = {}
         self._noise: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> (A, sigma * E)
         self._input: _Input | None = None
@@ -167,6 +171,7 @@ class FlipoutMessenger(Messenger):
         self._whole: dict[str, FlatNormal] = {}  # site -> the joint draw it is a piece of
         self._auxiliary: dict[int, tuple[dist.Normal, torch.Tensor, torch.Tensor]] = {}  # id(value) -> (q, value, noise)
         self._skipped: dict[str, str] = {}  # site -> its guide distribution's type, when not a Normal marginal
+        self._unapplied: set[str] = set()  # LoRA products of skipped sites met in this entry
         self._warned: set[str] = set()
 
     def __enter__(self) -> "FlipoutMessenger":
@@ -175,6 +180,7 @@ class FlipoutMessenger(Messenger):
 
     def __exit__(self, *args: object) -> None:
         self._close_input()
+        self._warn_unapplied()
         self._noise, self._auxiliary, self._whole = {}, {}, {}
         return super().__exit__(*args)
 
@@ -219,22 +225,23 @@ class FlipoutMessenger(Messenger):
             msg["value"], noise = _draw(base)
             self._noise[name] = (msg["value"], noise)
 
-    def _warn_skipped(self, name: str) -> None:
-        """One warning per handler naming the LoRA sites Flipout leaves alone (the first one seen
-        brings the list of all skipped so far)."""
-        if name in self._warned:
+    def _warn_unapplied(self) -> None:
+        """One warning per handler naming the LoRA sites whose products Flipout left alone in this
+        entry (sites without a LoRA product, such as a prior's hyper-parameters, are not named)."""
+        names = sorted(self._unapplied - self._warned)
+        self._unapplied = set()
+        if not names or not self.warn:
             return
-        names = sorted(n for n in self._skipped if n not in self._warned) or [name]
         self._warned.update(names)
         kinds = sorted({self._skipped.get(n, "?") for n in names})
-        warnings.warn(f"Flipout does not apply to {len(names)} site(s) whose guide distribution is not a Normal "
-                      f"marginal ({', '.join(kinds)}): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; "
-                      "their products use the sampled weights as they are", FlipoutNotApplied, stacklevel=2)
+        warnings.warn(f"Flipout does not apply to {len(names)} LoRA site(s) whose guide distribution is not a "
+                      f"Normal marginal ({', '.join(kinds)}): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; "
+                      "their products use the sampled weights as they are", FlipoutNotApplied, stacklevel=3)
 
     def _pyro_lora_product(self, msg: Message) -> None:
         name = msg["name"] or ""
         if name in self._skipped and name not in self._q:
-            self._warn_skipped(name)
+            self._unapplied.add(name)
         if name not in self._q or msg["done"]:
             return
         x, weight = msg["args"]

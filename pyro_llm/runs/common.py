@@ -45,10 +45,24 @@ from .lock import RunLock
 log = logging.getLogger(__name__)
 
 
+#: The sections of :class:`RunConfig` that describe each kind of run (a Laplace run trains no guide,
+#: a zero-shot run has no adapter): ``config.json`` records these and nothing else.
+RECORDED_SECTIONS: dict[str, tuple[str, ...]] = {
+    "svi": ("task", "model", "data", "lora", "prior", "guide", "objective", "optim", "eval"),
+    "laplace": ("task", "model", "data", "lora", "prior", "optim", "eval"),
+    "zero-shot": ("task", "model", "data", "optim", "eval")}
+
+
 def write_config(run_dir: Path, kind: str, cfg: RunConfig, *, state: str, **extra: Any) -> None:
-    """``config.json``: the run's kind and resolved configuration, and whether it is still running
-    (a run stopped before its first checkpoint is started afresh by its rerun, see :mod:`.folder`)."""
-    atomic_write_json(run_dir / "config.json", {"kind": kind, "state": state, "run": cfg.to_dict(), **extra})
+    """``config.json``: the run's kind, the sections of its configuration that describe it
+    (:data:`RECORDED_SECTIONS`; a run that trains nothing records its seed alone of the optimiser's
+    fields), and whether it is still running (a run stopped before its first checkpoint is started
+    afresh by its rerun, see :mod:`.folder`)."""
+    full = cfg.to_dict()
+    run = {name: full[name] for name in RECORDED_SECTIONS[kind]}
+    if kind != "svi":
+        run["optim"] = {"seed": cfg.optim.seed}
+    atomic_write_json(run_dir / "config.json", {"kind": kind, "state": state, "run": run, **extra})
 
 
 def model_name_for(cfg: RunConfig, task: TaskSpec) -> str:

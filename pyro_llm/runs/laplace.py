@@ -29,8 +29,8 @@ from ..guides import LaplaceGuide
 from ..infer.laplace import fit_laplace, tune_prior_precision
 from ..checks import check_int
 from ..io import CorruptFileError, atomic_write_json, read_json
-from ..models import build_model, lora_options_from_adapter, resolve_device
-from .common import evaluation_limit, load_split, read_config, run_config_of, score, write_config
+from ..models import lora_options_from_adapter
+from .common import build_for, evaluation_limit, load_split, read_config, run_config_of, score, write_config
 from .config import LaplaceConfig, RunConfig
 from .folder import RunFolder
 from .registry import PREDICTIVES, lookup
@@ -109,13 +109,20 @@ class LaplaceRun:
         return metrics
 
 
-def _build(cfg: RunConfig, lcfg: LaplaceConfig, task: TaskSpec, adapter_dir: Path, base: str, cache: str | None,
-           dataset_size: int | None):
+def _as_built(cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, base: str, adapter_run: RunConfig | None) -> None:
+    """Make ``cfg`` describe the model a Laplace run builds: the adapter's LoRA, the prior of the run
+    that trained it (a foreign peft adapter: ``cfg``'s, by default N(0, 0.2^2)), ``B`` a site unless
+    ``a_only``, the adapter's base model."""
+    cfg.model.name = base
+    cfg.lora = lora_options_from_adapter(adapter_dir)
+    if adapter_run is not None:
+        cfg.prior = adapter_run.prior
+    cfg.model.b_site = not lcfg.a_only
+
+
+def _build(cfg: RunConfig, task: TaskSpec, adapter_dir: Path, cache: str | None):
     pyro.clear_param_store()
-    m = cfg.model
-    return build_model(base, task, lora=lora_options_from_adapter(adapter_dir), b_site=not lcfg.a_only,
-                       dataset_size=dataset_size, device=resolve_device(m.device), dtype=m.dtype, cache=cache,
-                       adapter_dir=adapter_dir, seed=cfg.optim.seed, attn_implementation=m.attn_implementation)
+    return build_for(cfg, task, None, cache, adapter_dir=adapter_dir)
 
 
 def _prior_precision_args(method: str) -> dict[str, Any]:
@@ -134,21 +141,21 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
     (or the run it belongs to) may not be inside the output folder or contain it."""
     run_dir = Path(run_dir)
     given = Path(lcfg.adapter)
-    adapter_dir, base, _ = resolve_adapter(given, model or cfg.model.name)
+    adapter_dir, base, adapter_run = resolve_adapter(given, model or cfg.model.name)
     folder = RunFolder(run_dir, overwrite=overwrite, inputs=(given, adapter_dir, base, cfg.task,
                                                              lcfg.curvature_from or None))
     try:
-        return _laplace_in(folder, cfg, lcfg, adapter_dir, base, progress=progress, cache=cache)
+        _as_built(cfg, lcfg, adapter_dir, base, adapter_run)
+        return _laplace_in(folder, cfg, lcfg, adapter_dir, progress=progress, cache=cache)
     finally:
         folder.release()
 
 
-def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, base: str, *,
+def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, *,
                 progress: bool, cache: str | None) -> dict[str, Any]:
-    cfg.model.name = base
     task = get_task(cfg.task)
     lcfg.adapter = str(adapter_dir.resolve())
-    net, tok = _build(cfg, lcfg, task, adapter_dir, base, cache, None)
+    net, tok = _build(cfg, task, adapter_dir, cache)
     train = load_split(cfg, task, "train", tok, cfg.data.train_limit)
     validation = load_split(cfg, task, "validation", tok, None) if lcfg.prior_precision == "val-nll" else None
     net.dataset_size = len(train)
@@ -162,6 +169,7 @@ def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_
             gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
             fit = fit_laplace(net, train, lcfg.kfac, validation=validation, glm_max_tokens=lcfg.glm_max_tokens,
                               progress=progress, generator=gen if net.device.type == "cpu" else None,
+                              a_only=lcfg.a_only,
                               **_prior_precision_args(lcfg.prior_precision))
             guide, log_likelihood, num_examples = fit.guide, fit.factors.log_likelihood, fit.factors.num_examples
         else:
@@ -221,6 +229,9 @@ def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | N
     if device is not None:
         cfg.model.device = device
     task = get_task(cfg.task)
-    net, tok = _build(cfg, lcfg, task, run_dir / "adapter", cfg.model.name or "", cache, None)
+    # the adapter's LoRA and B's role are the run's by construction (earlier releases recorded defaults)
+    cfg.lora = lora_options_from_adapter(run_dir / "adapter")
+    cfg.model.b_site = not lcfg.a_only
+    net, tok = _build(cfg, task, run_dir / "adapter", cache)
     guide = LaplaceGuide.load(net, run_dir / "laplace" / "guide.safetensors")
     return LaplaceRun(net, guide, tok, cfg, lcfg, task, run_dir)

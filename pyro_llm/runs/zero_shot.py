@@ -11,7 +11,7 @@ import torch
 from ..data import get_task
 from ..models import BayesianLoRAModel
 from .common import LoadedRun, build_for, rebuild, write_config
-from .config import GuideConfig, RunConfig
+from .config import RunConfig
 from .folder import RunFolder
 from .svi import evaluate_loaded
 
@@ -35,7 +35,6 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
     task = get_task(cfg.task)
     folder = RunFolder(run_dir, overwrite=overwrite, inputs=(cfg.model.name, cfg.task))
     try:
-        cfg.guide = GuideConfig("map")
         pyro.clear_param_store()
         model, tok = build_for(cfg, task, None, cache)
         with folder as out:

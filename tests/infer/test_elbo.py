@@ -158,3 +158,34 @@ def test_loss_parts_add_up_and_reach_the_history(arc_model):
     kl = (torch.log(prior / sigma) + (sigma ** 2 + M ** 2) / (2 * prior ** 2) - 0.5).sum() / model.dataset_size
     trainer.step(data.batch(torch.arange(4)), 2)  # the parts of this step, at the parameters before its update
     assert abs(trainer.last_terms["kl"] - float(kl)) <= 1e-4 * float(kl)
+
+
+def test_a_maps_second_term_is_named_the_prior_penalty_and_equals_it(arc_model):
+    """A MAP's loss is NLL - log p(A) / N: recorded as ``neg_log_prior`` (not a KL), equal to the
+    prior's log density at the trained point, and the progress bar names it so."""
+    from pyro.infer.autoguide import AutoDelta
+
+    from pyro_llm.guides import BLoBGuide
+    from pyro_llm.infer import OptimConfig, SVITrainer
+    from pyro_llm.infer.svi import progress_fields
+
+    model, data = arc_model
+    guide = AutoDelta(model, init_loc_fn=model.init_loc_fn())
+    trainer = SVITrainer(model, guide, OptimConfig(steps=2, batch_size=4, lr=1e-3, warmup_ratio=0.0), progress=False)
+    history = trainer.fit(data)
+    assert all("kl" not in h and "neg_log_prior" in h for h in history)
+    values = {k: v.detach().double() for k, v in guide.median().items() if k in model.site_names}
+    prior = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64))
+    expected = -sum(float(prior.log_prob(v).sum()) for v in values.values()) / model.dataset_size
+    trainer.step(data.batch(torch.arange(4)), 2)
+    assert abs(trainer.last_terms["kl"] - expected) <= 1e-4 * abs(expected)
+    shown = progress_fields(history[-1])
+    assert set(shown) == {"nll", "-log_prior"}
+
+    pyro.clear_param_store()
+    blob = SVITrainer(model, BLoBGuide(model), OptimConfig(steps=2, batch_size=4, lr=1e-3, warmup_ratio=0.0),
+                      progress=False).fit(data)
+    shown = progress_fields(blob[-1])
+    assert set(shown) == {"nll", "kl", "kl_share", "sigma"} and shown["kl_share"].endswith("%")
+    share = 100 * blob[-1]["kl"] / (blob[-1]["nll"] + blob[-1]["kl"])
+    assert shown["kl_share"] == f"{share:.0f}%"
