@@ -35,7 +35,10 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
 
 
-def check_bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` is ``True`` or ``False`` (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
 

@@ -26,6 +26,7 @@ __all__ = [
     "FileWriteError",
     "atomic_path",
     "atomic_write_json",
+    "atomic_write_text",
     "atomic_save_tensors",
     "atomic_torch_save",
     "load_tensors",
@@ -71,6 +72,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise FileWriteError(f"could not write {path}: {' '.join(str(err).split())[:300]}") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

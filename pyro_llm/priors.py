@@ -25,7 +25,10 @@ from torch import nn
 
 from .checks import check_real
 
-__all__ = ["Prior", "IIDPrior", "GaussianPrior", "HierarchicalGaussianPrior", "LaplacePrior", "StudentTPrior",
+#: BLoB's and Laplace-LoRA's prior standard deviation of every LoRA entry, the library's default prior
+DEFAULT_PRIOR_STD = 0.2
+
+__all__ = ["DEFAULT_PRIOR_STD", "Prior", "IIDPrior", "GaussianPrior", "HierarchicalGaussianPrior", "LaplacePrior", "StudentTPrior",
            "SitePrior", "as_prior", "iid_over"]
 
 
@@ -71,7 +74,7 @@ class GaussianPrior(IIDPrior):
     """``N(0, std^2)`` on every entry (BLoB's default ``std = 0.2``). A MAP fit with it is weight
     decay with coefficient ``1 / (2 std^2 N)`` per example; the KL to a Normal guide is closed form."""
 
-    def __init__(self, std: float = 0.2, loc: float = 0.0) -> None:
+    def __init__(self, std: float = DEFAULT_PRIOR_STD, loc: float = 0.0) -> None:
         check_real("prior std", std, low=0, low_open=True)
         check_real("prior loc", loc)
         super().__init__(dist.Normal(torch.tensor(float(loc)), torch.tensor(float(std))))
@@ -115,7 +118,7 @@ class HierarchicalGaussianPrior:
     a latent site named ``<site>_tau`` (``BLoBGuide`` guides it with an ``AutoNormal``): the prior's
     scale is learnt per site instead of fixed. Safe under vectorised sampling (:func:`iid_over`)."""
 
-    def __init__(self, scale: float = 0.2) -> None:
+    def __init__(self, scale: float = DEFAULT_PRIOR_STD) -> None:
         check_real("prior scale", scale, low=0, low_open=True)
         self.scale = float(scale)
 
@@ -162,9 +165,10 @@ PriorLike = Union[Prior, dist.TorchDistribution, Mapping[str, Any], Callable[...
 
 
 def as_prior(prior: PriorLike) -> Prior:
-    """Normalise anything prior-like to a :class:`Prior` (``None`` gives ``GaussianPrior(0.2)``)."""
+    """Normalise anything prior-like to a :class:`Prior` (``None``: :class:`GaussianPrior` with its
+    default std)."""
     if prior is None:
-        return GaussianPrior(0.2)
+        return GaussianPrior()
     if isinstance(prior, Prior):
         return prior
     if isinstance(prior, dist.TorchDistribution):

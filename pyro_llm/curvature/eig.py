@@ -1,9 +1,9 @@
 """Top-``k`` eigenpairs of a symmetric PSD matrix, without a full eigendecomposition when ``k << d``.
 
 Laplace-LoRA keeps only the ``n_kfac`` (10) leading eigenpairs of each large K-FAC factor. A full
-``torch.linalg.eigh`` of a ``d x d`` factor costs ``O(d^3)``: for SmolLM2 (``d = 576``, 90 such
-factors, 70 ms each in a single-thread timing here) that is roughly a third of a forward-and-
-backward pass over 64 prompts. Block subspace
+``torch.linalg.eigh`` of a ``d x d`` factor costs ``O(d^3)``, and a model has one such factor per
+LoRA matrix (hundreds of thousands of entries each on a hidden size in the thousands), comparable
+to the K-FAC pass's forward and backward itself. Block subspace
 iteration with Rayleigh-Ritz extraction (Saad, *Numerical Methods for Large Eigenvalue
 Problems*, ch. 5) costs ``O(d^2 p)`` per iteration for a block of ``p ~ 2k`` vectors and, on the
 fast-decaying spectra of activation and gradient covariances, converges in a handful of

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int
+from ..options import option
 from ..data.collate import EncodedDataset
 from ..models.model import BayesianLoRAModel
 from .kron import EigenFactor
@@ -42,11 +43,13 @@ __all__ = ["KFACConfig", "KFACFactors", "FactorAccumulator", "fit_kfac"]
 
 @dataclass(frozen=True)
 class KFACConfig:
-    fisher: str = "mc"  # "mc" (labels sampled from the model) or "empirical" (true labels)
-    mode: str = "reduce"  # "reduce" or "expand"
-    n_kfac: int = 10
-    dense_threshold: int = 4096
-    batch_size: int = 4
+    fisher: str = option("mc", "mc: labels sampled from the model (the Fisher); empirical: the true labels.",
+                         choices=("mc", "empirical"))
+    mode: str = option("reduce", "Treatment of sequence positions (Eschenhagen et al. 2023).",
+                       choices=("reduce", "expand"), flag="--kfac-mode")
+    n_kfac: int = option(10, "Rank kept of the large K-FAC factor of each LoRA matrix.")
+    dense_threshold: int = option(4096, "Factors larger than this are streamed at low rank (0: every factor).")
+    batch_size: int = option(4, "Examples per K-FAC and GLM pass.")
 
     def __post_init__(self) -> None:
         if self.fisher not in ("mc", "empirical"):

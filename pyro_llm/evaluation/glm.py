@@ -34,9 +34,9 @@ from ..guides.laplace import LaplaceGuide
 __all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
 
 #: The default bound on padded tokens in one GLM batch. The pass holds a batch's whole forward graph
-#: and its backward, so its memory grows with the tokens: a HellaSwag question is four rows of up
-#: to 128 tokens, and on SmolLM2-135M (one backward, the cloze head) four of them (2048 tokens) took
-#: 4.2 GB above the model, two (1024) 2.5 GB (``python -m bench.glm_memory``; docs/RESULTS.md, section 3).
+#: and its backward, so its memory grows with the tokens, not with the number of questions (a cloze
+#: question is one row per choice); the docs' benchmarks give the memory per bound
+#: (``python -m bench.glm_memory``).
 GLM_MAX_TOKENS = 1024
 
 
@@ -146,7 +146,7 @@ def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     predictive it does not change when one (even random) offset is added to every logit. The
     per-class form ``softmax(mu / sqrt(1 + pi/8 diag Sigma))`` does change: it divides each logit's
     offset too, so on logits with a large common offset (a cloze head's summed log-likelihoods) it
-    reorders classes (docs/RESULTS.md section 1c)."""
+    reorders classes."""
     d = torch.diagonal(cov, dim1=-2, dim2=-1)
     var = (d[..., :, None] + d[..., None, :] - cov - cov.transpose(-1, -2)).clamp_min(0)  # Var(f_c - f_k)
     z = (mean[..., None, :] - mean[..., :, None]) / torch.sqrt(1 + math.pi / 8 * var)  # [.., c, k]: mu_k - mu_c

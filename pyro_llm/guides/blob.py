@@ -36,7 +36,11 @@ from ..distributions import FlatNormal
 from ..models.model import BayesianLoRAModel
 from .roles import SCALE, declared_param_groups
 
-__all__ = ["BLoBGuide"]
+__all__ = ["BLOB_EPS", "BLoBGuide"]
+
+
+#: The reference's initial range of ``G``: uniform on ``[eps / sqrt(2), eps]``
+BLOB_EPS = 0.05
 
 
 class BLoBGuide:
@@ -50,7 +54,7 @@ class BLoBGuide:
     :param prefix: the names of its two parameters, ``<prefix>.M`` and ``<prefix>.G``.
     """
 
-    def __init__(self, model: BayesianLoRAModel, eps: float = 0.05, sigma_param: str = "square",
+    def __init__(self, model: BayesianLoRAModel, eps: float = BLOB_EPS, sigma_param: str = "square",
                  hyper_guide: Callable[[Callable[..., Any]], Any] = AutoNormal, prefix: str = "blob") -> None:
         if sigma_param not in ("square", "softplus"):
             raise ValueError(f"sigma_param must be 'square' or 'softplus', got {sigma_param!r}")

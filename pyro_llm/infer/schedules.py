@@ -68,7 +68,7 @@ class BlobKLReweighting:
 def blob_cycle_length(dataset_size: int, batch_size: int, gamma: float = 8.0) -> int:
     """The BLoB reference's cycle length under ``--bayes-datasetrescaling``:
     ``M = int(100 * N^(pi / gamma) / B)`` (``pi`` the number 3.14159..., not a KL weight), at least 1.
-    SST-2's 87 training sentences at batch 8 give 72, ARC-Easy's 2251 questions at batch 4 give 518."""
+    87 training examples at batch 8 give 72, 2251 at batch 4 give 518."""
     if dataset_size < 1 or batch_size < 1 or not gamma > 0:
         raise ValueError(f"blob_cycle_length needs N >= 1, B >= 1, gamma > 0; got {dataset_size}, {batch_size}, {gamma}")
     return max(int(100 * dataset_size ** (math.pi / gamma) / batch_size), 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ from torch import distributed as dist
 from tqdm.auto import tqdm
 
 from ..checks import MAX_SEED, check_choice, check_int, check_real
+from ..options import option
 from ..data.collate import EncodedDataset
 from ..distributions import base_distribution
 from ..guides.ops import guide_scales
@@ -54,33 +55,31 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class OptimConfig:
-    """Optimisation settings (BLoB reference values as defaults where they exist)."""
+    """Optimisation settings (the BLoB reference's values as defaults where it has them)."""
 
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-6
-    warmup_ratio: float = 0.06
-    decay: str = "linear"
-    #: Scale parameters (BLoB's ``G``, ``AutoNormal``'s scales: whatever the guide declares a scale,
-    #: :mod:`pyro_llm.guides.roles`) get their own optimiser, by default the reference's SGD at 0.01.
-    #: Faster is worse where the adapter has many ``A`` entries per training example: under the exact
-    #: ELBO the KL then drives ``sigma`` towards the prior's 0.2 within a few hundred steps and the
-    #: predictive is noise (SmolLM2-135M, SST-2, 174 sentences, 150 steps: at 0.1 accuracy 74.4 % /
-    #: NLL 0.531 against MAP's 79.4 % / 0.430; at 0.01 79.4 % / 0.434, ``sigma`` 0.0025 -> 0.019;
-    #: docs/RESULTS.md). On small adapters with more data 0.1 can be better (MiniLM SST-2, README).
-    g_lr: float = 1e-2
-    g_optimizer: str = "sgd"
+    steps: int = option(200, "Training steps.")
+    batch_size: int = option(4, "Examples per step.")
+    lr: float = option(1e-4, "AdamW learning rate of the means and B.")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (the prior already regularises).")
+    adam_eps: float = option(1e-6, "AdamW epsilon.")
+    warmup_ratio: float = option(0.06, "Fraction of the steps spent warming the learning rates up from 0 (0 to 1).")
+    decay: str = option("linear", "Learning-rate decay after the warm-up.", choices=("linear", "constant"))
+    #: The guide's scale parameters (BLoB's ``G``, ``AutoNormal``'s scales: whatever the guide
+    #: declares a scale, :mod:`pyro_llm.guides.roles`) get their own optimiser and rate: where an
+    #: adapter has many ``A`` entries per training example, a fast rate lets the KL pull ``sigma``
+    #: to the prior's scale within a few hundred steps (docs: "Methods").
+    g_lr: float = option(1e-2, "Learning rate of the guide's scales (BLoB's G).")
+    g_optimizer: str = option("sgd", "Optimiser of the guide's scales.", choices=("sgd", "adamw"))
     #: The BLoB reference's two-optimiser update: the main optimiser (AdamW) steps on the
     #: likelihood's gradient alone; then the KL term's gradient, taken at the updated means, is
     #: applied to *every* parameter by plain SGD at ``g_lr`` (the scales keep their likelihood
     #: gradient and add the KL's). Off: one backward of NLL + KL, each parameter by its own optimiser.
-    split_kl: bool = False
-    grad_clip: float | None = None
-    checkpoint_every: int = 50
-    seed: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
+    split_kl: bool = option(False, "The BLoB reference's update: AdamW on the likelihood's gradient, then SGD at "
+                                   "--g-lr on the KL's gradient for every parameter.")
+    grad_clip: float | None = option(None, "Clip the gradients' global norm to this value.")
+    checkpoint_every: int = option(50, "Steps between checkpoints (a killed run resumes from the last).")
+    seed: int = option(0, "Seed of every random draw (data order, initialisation, noise, evaluation draws).")
+    metadata: dict[str, Any] = option(default_factory=dict, help="Free-form facts recorded with the run.", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):

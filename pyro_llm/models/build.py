@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_int, check_real
+from ..options import option
 from ..data.prompts import answer_strings
 from ..data.tasks import CLASSIFICATION, CLOZE, TaskSpec
 from ..io import CorruptFileError, read_json
@@ -33,14 +34,18 @@ log = logging.getLogger(__name__)
 class LoRAOptions:
     """LoRA hyper-parameters (BLoB's reference: r 8, alpha 16, dropout 0, q/v projections)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
+    rank: int = option(8, "LoRA rank r.")
+    alpha: float = option(16.0, "LoRA scaling alpha (the update is alpha / r * B A).")
+    dropout: float = option(0.0, "Dropout on the LoRA input (with the MAP guide: MC dropout at evaluation).",
+                            flag="--lora-dropout")
+    target_modules: tuple[str, ...] | None = option(
+        None, "Comma-separated LoRA target modules (default: the model's query and value projections).",
+        flag="--targets", parse=lambda text: tuple(t for t in text.split(",")))
     #: LoRA on the output layer as well (the BLoB reference's ``--apply-classhead-lora``): a causal
     #: LM's ``lm_head`` (tied to the input embeddings or not: the adapter never changes the shared
     #: weight); a classifier's new head is trained in full already and is left as it is
-    class_head: bool = False
+    class_head: bool = option(False, "LoRA on the output layer too (lm_head; the BLoB reference's "
+                                     "--apply-classhead-lora).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.class_head, bool):

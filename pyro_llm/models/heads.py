@@ -63,9 +63,9 @@ class ChoiceLikelihoodHead:
 
     The cloze formulation of multiple choice (how small models are scored in lm-eval and OLMES): a
     row per choice, context then the choice's tokens, and the softmax over the choices' summed
-    token log-probabilities is the predictive (a uniform prior over choices). A 135M model is at
-    chance on lettered PIQA but not on its cloze form, because the letters are a skill small
-    models lack while the continuations' likelihood is what they are trained on.
+    token log-probabilities is the predictive (a uniform prior over choices). Small models can be at
+    chance on a lettered multiple-choice prompt and not on its cloze form: answering with a letter
+    is a skill they lack, while a continuation's likelihood is what they are trained on.
 
     Inputs are ``[batch, choices, length]``, right-padded; ``token_type_ids`` marks each row's
     choice tokens with 1 (segment B, the continuation scored) and its context with 0. Only the
@@ -83,8 +83,8 @@ class ChoiceLikelihoodHead:
     #: positions whose vocabulary logits are formed at once
     chunk = 1024
     #: share the context only when that leaves at most this fraction of a batch's token positions:
-    #: the second pass and the cache's copies cost about what a few percent of positions do (PIQA's
-    #: goals, 3 % of its positions, ran 3 % slower shared; ``python -m bench.cloze_context``)
+    #: the second pass and the cache's copies cost about what a few percent of positions do
+    #: (``python -m bench.cloze_context`` measures both ways)
     worth_sharing = 0.9
 
     def __init__(self, share_context: bool = True) -> None:

@@ -3,8 +3,8 @@
 The handler multiplies the ``scale`` of the named (unobserved) sample sites in both model and
 guide, and of the guide's auxiliary sites (``AutoNormal``'s ``<site>_unconstrained``, a low-rank
 guide's joint latent), whose ``log q`` is part of the KL too; that is how Pyro's ELBOs weight a
-site's KL (analytic in ``TraceMeanField_ELBO``, sampled in ``Trace_ELBO``). ``w = 1`` is the exact ELBO; schedules in
-:mod:`pyro_llm.infer.kl_schedules` produce ``w`` per step.
+site's KL (analytic in ``TraceMeanField_ELBO``, sampled in ``Trace_ELBO``). ``w = 1`` is the exact
+ELBO; the schedules of :mod:`pyro_llm.infer.schedules` produce ``w`` per step.
 """
 
 from __future__ import annotations

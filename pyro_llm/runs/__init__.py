@@ -4,11 +4,13 @@ library: nothing in :mod:`pyro_llm`'s other packages imports it.
 
 Modules: :mod:`.config` (RunConfig and its sections, LaplaceConfig, presets), :mod:`.registry`
 (names -> objects), :mod:`.folder` (what a run may write and replace), :mod:`.common` (building,
-scoring), :mod:`.svi`, :mod:`.laplace`, :mod:`.zero_shot`, :mod:`.load` (any saved run).
+scoring), :mod:`.svi`, :mod:`.laplace`, :mod:`.zero_shot`, :mod:`.load` (any saved run), :mod:`.compare` (a plain
+fine-tune beside its Bayesian counterparts), :mod:`.compat` (run folders of earlier releases).
 """
 
 from .common import (LoadedRun, build_for, load_predictions, load_split, read_config, record_metrics, retarget_head,
                      run_config_of)
+from .compare import COMPARE_METHODS, QUICK, Comparison, compare
 from .config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
                      PriorConfig, RunConfig, preset_config)
 from .folder import RunDirExistsError, RunFolder, is_run
@@ -19,7 +21,7 @@ from .svi import evaluate_loaded, load_svi_run, svi_predictor, train
 from .zero_shot import load_zero_shot_run, zero_shot
 
 __all__ = [
-    "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
+    "COMPARE_METHODS", "Comparison", "QUICK", "compare", "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
     "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
     "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_ensemble", "evaluate_loaded",
     "is_run", "laplace", "load_laplace_run", "load_predictions", "load_run", "load_split", "load_svi_run",

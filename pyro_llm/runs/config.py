@@ -14,28 +14,42 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..checks import MAX_SEED, check_bool, check_choice, check_int, check_real
+from ..guides.blob import BLOB_EPS
+from ..options import option
 from ..curvature import KFACConfig
 from ..evaluation.glm import GLM_MAX_TOKENS
 from ..infer.laplace import PRIOR_PRECISION_METHODS
 from ..infer.schedules import KLSchedule
 from ..infer.svi import OptimConfig
 from ..models import LoRAOptions
-from ..priors import Prior
-from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, KLScheduleArgs, lookup, make_guide
+from ..priors import DEFAULT_PRIOR_STD, Prior
+from .compat import upgrade_laplace_dict, upgrade_run_dict
+from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, KLScheduleArgs, lookup, make_guide, names
 
 __all__ = ["DataConfig", "EvalConfig", "GuideConfig", "LaplaceConfig", "ModelConfig", "ObjectiveConfig", "PRESETS",
            "PriorConfig", "RunConfig", "preset_config"]
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"split fractions must be three comma-separated numbers, got {text!r}") from None
 
 
 @dataclass
 class ModelConfig:
     """The base model and where it runs."""
 
-    name: str | None = None  # None: the task's default (smollm2-135m, or minilm-l6 for encoders)
-    device: str = "auto"
-    dtype: str = "float32"
-    attn_implementation: str | None = None  # None: transformers' default; "eager" or "sdpa"
-    b_site: bool = False  # B a sample site too (default: a parameter)
+    name: str | None = option(None, "Embedded name (smollm2-135m, minilm-l6), local folder or hub id "
+                                    "(default: the task's).", flag="--model")
+    device: str = option("auto", "cpu, cuda, cuda:N, mps or auto.")
+    dtype: str = option("float32", "Base-model dtype (LoRA and guide parameters stay float32).",
+                        choices=("float32", "bfloat16"))
+    attn_implementation: str | None = option(None, "Attention kernel (default: transformers' choice; eager allows "
+                                                   "double backward, e.g. Pyro's AutoLaplaceApproximation).",
+                                             choices=("eager", "sdpa"))
+    b_site: bool = option(False, "Make B a sample site too (default: a parameter).", flag="--b-site/--b-param")
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
@@ -51,12 +65,13 @@ class ModelConfig:
 class DataConfig:
     """Which examples, and how long they may be."""
 
-    train_limit: int | None = None
-    test_limit: int | None = None
-    max_length: int = 256
-    split_seed: int = 0
-    #: train / validation / test fractions of a task that ships one pool (None: 60 / 10 / 30)
-    split_fractions: tuple[float, float, float] | None = None
+    train_limit: int | None = option(None, "Use a seeded subset of the training split.")
+    test_limit: int | None = option(None, "Use a seeded subset of the test split.")
+    max_length: int = option(256, "Tokens per example (prompts are left-truncated).")
+    split_seed: int = option(0, "Seed of the train/validation/test split of a task that ships one pool.")
+    split_fractions: tuple[float, float, float] | None = option(
+        None, "Train,validation,test fractions of a task that ships one pool (default 0.6,0.1,0.3).",
+        parse=_fractions)
 
     def __post_init__(self) -> None:
         if self.split_fractions is not None:
@@ -76,33 +91,38 @@ class DataConfig:
 
 @dataclass
 class PriorConfig:
-    """A registered prior by name (:data:`.registry.PRIORS`) and its scale."""
+    """A registered prior by name (:data:`.registry.PRIORS`, plugins included) and its scale."""
 
-    name: str = "gaussian"
-    scale: float = 0.2
+    name: str = option("gaussian", "Prior of every LoRA entry (a name, or package.module:Factory taking the "
+                                   "scale).", flag="--prior", choices=lambda: names(PRIORS))
+    scale: float = option(DEFAULT_PRIOR_STD, "Prior std (Gaussian) or scale.", flag="--prior-scale")
 
     def __post_init__(self) -> None:
         lookup(PRIORS, self.name, "prior")
         check_real("prior_scale", self.scale, low=0, low_open=True)
 
     def build(self) -> Prior:
-        return PRIORS[self.name](self.scale)
+        return lookup(PRIORS, self.name, "prior")(self.scale)
 
 
 @dataclass
 class GuideConfig:
-    """A registered guide by name (:data:`.registry.GUIDES`), its options, and Flipout."""
+    """A registered guide by name (:data:`.registry.GUIDES`, plugins included), its options, and Flipout."""
 
-    name: str = "map"
-    flipout: bool | None = None  # None: on where the guide's marginals are Normal (registry.GuideEntry.flipout)
-    blob_eps: float = 0.05
-    sigma_param: str = "square"
-    normal_init_scale: float = 0.01
+    name: str = option("map", "The variational family (a name, or package.module:GuideClass).", flag="--guide",
+                       choices=lambda: names(GUIDES))
+    flipout: bool | None = option(None, "Flipout on the LoRA products (default: on for guides with Normal "
+                                        "marginals, normal and blob).", flag="--flipout/--no-flipout")
+    blob_eps: float = option(BLOB_EPS, "BLoB: initial G uniform on [eps / sqrt 2, eps].")
+    sigma_param: str = option("square", "BLoB: sigma = G^2 (the reference) or softplus(G).",
+                              choices=("square", "softplus"))
+    normal_init_scale: float = option(0.01, "Initial scale of Pyro's AutoNormal and low-rank guides.")
 
     def __post_init__(self) -> None:
         entry = lookup(GUIDES, self.name, "guide")
         if self.flipout is None:
             self.flipout = entry.flipout
+        check_bool("flipout", self.flipout, optional=True)
         check_real("blob_eps", self.blob_eps, low=0, low_open=True)
         check_choice("sigma_param", self.sigma_param, ("square", "softplus"))
         check_real("normal_init_scale", self.normal_init_scale, low=0, low_open=True)
@@ -120,14 +140,15 @@ class GuideConfig:
 class ObjectiveConfig:
     """The ELBO and the weight of its KL term over training."""
 
-    elbo: str = "meanfield"
-    kl_schedule: str = "constant"
-    kl_weight: float = 1.0
-    kl_anneal_steps: int = 0
-    #: ``blob`` schedule: the reference's dataset-rescaling exponent, ``M = int(100 N^(pi/gamma) / B)``
-    blob_gamma: float = 8.0
-    #: ``blob-cycles`` schedule: KL cycles completed within the run's steps
-    kl_cycles: int = 4
+    elbo: str = option("meanfield", "meanfield: closed-form KL where one exists; trace: sampled KL.",
+                       choices=lambda: list(ELBOS))
+    kl_schedule: str = option("constant", "The KL weight over training (a name, or package.module:factory).",
+                              choices=lambda: names(KL_SCHEDULES))
+    kl_weight: float = option(1.0, "KL weight (constant) or final weight (linear).")
+    kl_anneal_steps: int = option(0, "KL schedule linear: steps from 0 to --kl-weight.")
+    blob_gamma: float = option(8.0, "KL schedule blob: cycle length M = int(100 N^(pi/gamma) / batch) (the "
+                                    "reference's rescaling).")
+    kl_cycles: int = option(4, "KL schedule blob-cycles: cycles completed within --steps.")
 
     def __post_init__(self) -> None:
         lookup(ELBOS, self.elbo, "ELBO")
@@ -138,25 +159,25 @@ class ObjectiveConfig:
         check_int("kl_cycles", self.kl_cycles, low=1)
 
     def kl(self, dataset_size: int, batch_size: int, steps: int = 1) -> KLSchedule:
-        return KL_SCHEDULES[self.kl_schedule](KLScheduleArgs(self.kl_weight, self.kl_anneal_steps, dataset_size,
-                                                             batch_size, self.blob_gamma, steps, self.kl_cycles))
+        factory = lookup(KL_SCHEDULES, self.kl_schedule, "KL schedule")
+        return factory(KLScheduleArgs(self.kl_weight, self.kl_anneal_steps, dataset_size, batch_size,
+                                      self.blob_gamma, steps, self.kl_cycles))
 
 
 @dataclass
 class EvalConfig:
     """The N-sample predictive and the metrics."""
 
-    samples: int = 10  # weight samples N (0: the mean weights)
-    batch_size: int = 8
-    max_rows: int = 64  # bound on rows per forward pass when samples are batched
-    ece_bins: int = 15
-    #: Flipout stays on in the N passes (the BLoB reference's evaluation): every token of every pass
-    #: sees its own sign-flipped perturbation; one sample per forward pass
-    flipout: bool = False
+    samples: int = option(10, "Weight samples N at evaluation (0: the mean weights).", flag="--eval-samples")
+    batch_size: int = option(8, "Examples per evaluation pass.", flag="--eval-batch-size")
+    max_rows: int = option(64, "Bound on rows per forward pass when samples are batched.")
+    ece_bins: int = option(15, "Equal-width bins of the ECE.")
+    flipout: bool = option(False, "Flipout on in the N evaluation passes (the BLoB reference's evaluation): one "
+                                  "sample per pass, every token its own perturbation.",
+                           flag="--eval-flipout/--no-eval-flipout")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.flipout, bool):
-            raise ValueError(f"eval flipout must be true or false, got {self.flipout!r}")
+        check_bool("eval flipout", self.flipout)
         check_int("eval_samples", self.samples, low=0)
         check_int("eval_batch_size", self.batch_size, low=1)
         check_int("max_rows", self.max_rows, low=1)
@@ -167,28 +188,12 @@ _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": 
                               "guide": GuideConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
                               "eval": EvalConfig}
 
-#: Where each key of the flat ``config.json`` of earlier runs lives now.
-_FLAT_KEYS: dict[str, tuple[str, str]] = {
-    "model": ("model", "name"), "device": ("model", "device"), "dtype": ("model", "dtype"),
-    "attn_implementation": ("model", "attn_implementation"), "b_site": ("model", "b_site"),
-    "train_limit": ("data", "train_limit"), "test_limit": ("data", "test_limit"),
-    "max_length": ("data", "max_length"), "split_seed": ("data", "split_seed"),
-    "rank": ("lora", "rank"), "alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
-    "targets": ("lora", "target_modules"), "prior": ("prior", "name"), "prior_scale": ("prior", "scale"),
-    "guide": ("guide", "name"), "flipout": ("guide", "flipout"), "blob_eps": ("guide", "blob_eps"),
-    "sigma_param": ("guide", "sigma_param"), "normal_init_scale": ("guide", "normal_init_scale"),
-    "elbo": ("objective", "elbo"), "kl_schedule": ("objective", "kl_schedule"),
-    "kl_weight": ("objective", "kl_weight"), "kl_anneal_steps": ("objective", "kl_anneal_steps"),
-    "eval_samples": ("eval", "samples"), "eval_batch_size": ("eval", "batch_size"),
-    "max_rows": ("eval", "max_rows"), "ece_bins": ("eval", "ece_bins")}
-
-
 @dataclass
 class RunConfig:
     """Everything needed to rebuild a run's model and guide and to repeat its training, one section
     per concern; each section checks its own values, so a bad value is refused before anything runs."""
 
-    task: str = "arc-easy"
+    task: str = option("arc-easy", "Task name (see `pyro-llm tasks`) or a .jsonl/.csv file.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAOptions = field(default_factory=LoRAOptions)
@@ -220,15 +225,7 @@ class RunConfig:
         """From :meth:`to_dict`'s nested layout, or the flat layout of earlier runs."""
         if not isinstance(data, dict):
             raise ValueError(f"a run configuration must be a mapping of sections, got {type(data).__name__}")
-        if isinstance(data.get("guide"), str):  # the flat layout of earlier runs
-            nested: dict[str, Any] = {}
-            for key, value in data.items():
-                section, name = _FLAT_KEYS.get(key, (key, ""))
-                if name:
-                    nested.setdefault(section, {})[name] = value
-                else:
-                    nested[key] = value
-            data = nested
+        data = upgrade_run_dict(data)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"config has unknown keys {sorted(unknown)}")
@@ -259,28 +256,24 @@ def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-#: Named recipes, as partial nested configurations. ``blob`` is the BLoB reference's Llama recipe
-#: (``scripts/blob/blob-llama-all-single-gpu.sh`` of Wang-ML-Lab/bayesian-peft): 5000 steps of
-#: batch 4; AdamW (lr 1e-4, eps 1e-6, no weight decay) on ``M`` and ``B`` stepped on the likelihood's
-#: gradient, then the KL's gradient (weight ``pi_i``, cycle ``M = int(100 N^(pi/8) / B)``) applied to
-#: ``M`` and ``G`` by SGD at 0.01 (``split_kl``), both with 6 % warm-up then linear decay; prior
-#: N(0, 0.2^2), ``G`` from U(0.05/sqrt 2, 0.05), ``sigma = G^2``; LoRA r 8, alpha 16 on q/v and the
-#: class head; Flipout in training and in the N = 10 evaluation passes. The README names what differs.
+#: Named recipes, as differences from the defaults (a test checks that every value differs).
+#: ``blob`` is the BLoB reference's Llama recipe (``scripts/blob/blob-llama-all-single-gpu.sh`` of
+#: Wang-ML-Lab/bayesian-peft): 5000 steps of batch 4; AdamW (lr 1e-4, eps 1e-6, no weight decay) on
+#: ``M`` and ``B`` stepped on the likelihood's gradient, then the KL's gradient (weight ``pi_i``,
+#: cycle ``M = int(100 N^(pi/8) / B)``) applied to ``M`` and ``G`` by SGD at 0.01 (``split_kl``),
+#: both with 6 % warm-up then linear decay; prior N(0, 0.2^2), ``G`` from U(0.05/sqrt 2, 0.05),
+#: ``sigma = G^2``; LoRA r 8, alpha 16 on q/v and the class head; Flipout in training and in the
+#: N = 10 evaluation passes. The defaults already hold the values not listed; the docs name what differs.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "blob": {"guide": {"name": "blob", "flipout": True, "blob_eps": 0.05, "sigma_param": "square"},
-             "prior": {"name": "gaussian", "scale": 0.2},
-             "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "class_head": True},
-             "objective": {"elbo": "meanfield", "kl_schedule": "blob", "blob_gamma": 8.0},
-             "optim": {"steps": 5000, "batch_size": 4, "lr": 1e-4, "g_lr": 1e-2, "g_optimizer": "sgd",
-                       "split_kl": True, "warmup_ratio": 0.06, "decay": "linear", "adam_eps": 1e-6,
-                       "weight_decay": 0.0},
-             "eval": {"samples": 10, "flipout": True}},
-    # BLoB's guide calibrated within a MAP's budget: its scales by AdamW (lr 1e-2) under the exact
-    # ELBO tempered to w = 0.1, the weight validation NLL chose among 1, 0.1 and 0.01 on every seed
-    # of the SST-2 studies (docs/RESULTS.md); means, B and steps as the run's own options say
-    "blob-adam": {"guide": {"name": "blob", "flipout": True}, "objective": {"kl_schedule": "constant",
-                                                                           "kl_weight": 0.1},
-                  "optim": {"g_optimizer": "adamw", "g_lr": 1e-2, "split_kl": False}},
+    "blob": {"guide": {"name": "blob"},
+             "lora": {"class_head": True},
+             "objective": {"kl_schedule": "blob"},
+             "optim": {"steps": 5000, "split_kl": True},
+             "eval": {"flipout": True}},
+    # BLoB's guide calibrated within a MAP's budget: its scales by AdamW (lr 1e-2, the default g_lr)
+    # under the exact ELBO tempered to w = 0.1, the weight validation NLL chose on every seed of the
+    # SST-2 studies (docs); means, B and steps as the run's own options say
+    "blob-adam": {"guide": {"name": "blob"}, "objective": {"kl_weight": 0.1}, "optim": {"g_optimizer": "adamw"}},
 }
 
 
@@ -288,17 +281,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 class LaplaceConfig:
     """A Laplace run: the adapter, the K-FAC pass, the prior precision and the predictive."""
 
-    adapter: str = ""
-    kfac: KFACConfig = field(default_factory=KFACConfig)
-    a_only: bool = False
-    prior_precision: str = "marglik"  # marglik | marglik-layerwise | val-nll | prior | <float>
-    predictive: str = "glm"
-    mc_samples: int = 1000
-    #: bound on the padded tokens of one batch of a GLM pass (the predictive, the val-nll search)
-    glm_max_tokens: int = GLM_MAX_TOKENS
-    #: a Laplace run of the same adapter and training data whose K-FAC posterior is reused: only the
-    #: prior precision is chosen again (one curvature pass for, e.g., both marglik and val-nll)
-    curvature_from: str = ""
+    adapter: str = option("", "A pyro-llm MAP run folder or any peft LoRA adapter folder.", cli=False)
+    kfac: KFACConfig = option(default_factory=KFACConfig, help="The K-FAC pass.", cli=False)
+    a_only: bool = option(False, "Posterior over A only (default: A and B, as the paper).")
+    prior_precision: str = option("marglik", "marglik, marglik-layerwise, val-nll, prior (1/sigma^2 of the adapter "
+                                             "run's Gaussian prior), or a fixed positive number.")
+    predictive: str = option("glm", "glm: linearised, probit; glm-mc: linearised, Monte Carlo over logits; nn: weight "
+                                    "samples through the network; map: the MAP alone.",
+                             choices=lambda: list(PREDICTIVES))
+    mc_samples: int = option(1000, "Logit samples of the glm-mc predictive.")
+    glm_max_tokens: int = option(GLM_MAX_TOKENS, "Bound on the padded tokens of one batch of a GLM pass (every "
+                                                 "choice of a cloze question counted); its memory grows with them.")
+    curvature_from: str = option("", "A Laplace run of the same adapter and data whose K-FAC is reused; only the "
+                                     "prior precision is chosen again.")
 
     def __post_init__(self) -> None:
         if isinstance(self.kfac, dict):
@@ -324,9 +319,4 @@ class LaplaceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LaplaceConfig":
-        data = dict(data)
-        flat = {k: data.pop(k) for k in ("fisher", "kfac_mode", "n_kfac", "dense_threshold", "batch_size") if k in data}
-        if flat:  # the flat layout of earlier runs
-            flat["mode"] = flat.pop("kfac_mode", "reduce")
-            data["kfac"] = KFACConfig(**flat)
-        return cls(**data)
+        return cls(**upgrade_laplace_dict(data))
