@@ -108,20 +108,23 @@ def build_model(
     seed: int = 0,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[BayesianLoRAModel, PreTrainedTokenizerBase]:
     """Load ``model_name``, add LoRA (fresh, seeded, or from a peft ``adapter_dir``) and wrap it.
 
     Multiple-choice and cloze tasks take a causal LM (heads: :func:`head_for`); classification tasks
     an encoder with a new classification head (kept trainable through peft's ``modules_to_save``).
+    ``quantize`` (``"int8"``, ``"nf4"``) quantizes the base model's linear layers (:mod:`.quantize`).
     """
     if task.kind == CLASSIFICATION:
         base, tok = load_sequence_classifier(model_name, task.num_classes, device=device, dtype=dtype, cache=cache,
                                              trust_remote_code=trust_remote_code, seed=seed,
-                                             attn_implementation=attn_implementation)
+                                             attn_implementation=attn_implementation, quantize=quantize)
         task_type = TaskType.SEQ_CLS
     else:
         base, tok = load_causal_lm(model_name, device=device, dtype=dtype, cache=cache,
-                                   trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+                                   trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                                   quantize=quantize)
         task_type = TaskType.CAUSAL_LM
     head = head_for(task, tok)
     if adapter_dir is not None:

@@ -9,6 +9,8 @@ conversion is never mistaken for a finished one. ``minilm-l6`` is the sentence e
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import logging
 import os
@@ -19,6 +21,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +32,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .quantize import check_quantize, quantization_config
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -229,23 +234,62 @@ def load_causal_lm(
     cache: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (right padding, left truncation: prompts end in ``Answer:``).
     ``attn_implementation`` (``"eager"``, ``"sdpa"``; ``None``: transformers' choice) picks the
     attention kernel: SDPA has no double backward on the CPU, which a Hessian (Pyro's
-    ``AutoLaplaceApproximation``) needs."""
+    ``AutoLaplaceApproximation``) needs. ``quantize`` (``"int8"``, ``"nf4"``) loads the linear
+    layers quantized by bitsandbytes (:mod:`.quantize`)."""
     path = resolve_model_path(name, cache)
     try:
         tok = _load_tokenizer(path, trust_remote_code, padding_side="right")
         tok.truncation_side = "left"
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **_attn(attn_implementation)
-        )
+            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **_attn(attn_implementation),
+            **_quantized(quantize, device, dtype))
     except (OSError, ValueError, SafetensorError) as err:
         raise _not_found(name, err) from err
-    model.to(resolve_device(device))
+    return _placed(model, quantize, device), tok
+
+
+def _quantized(quantize: str | None, device: str | torch.device | None, dtype: str | torch.dtype) -> dict[str, Any]:
+    """``from_pretrained``'s arguments for a quantized load (none for a float one)."""
+    if quantize is None:
+        return {}
+    target = resolve_device(device)
+    check_quantize(quantize, target)
+    return {"quantization_config": quantization_config(quantize, resolve_dtype(dtype)),
+            "device_map": {"": str(target)}}
+
+
+def _placed(model: PreTrainedModel, quantize: str | None, device: str | torch.device | None) -> PreTrainedModel:
+    """The model on its device in eval mode; a quantized one was placed at load (bitsandbytes'
+    layers are not moved afterwards) and is prepared for training LoRA on it (peft's
+    ``prepare_model_for_kbit_training``: frozen, norms in float32, no checkpointing forced)."""
+    if quantize is None:
+        model.to(resolve_device(device))
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.eval()
-    return model, tok
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers' warning-level load report, silenced: loading a classifier from a language
+    model's checkpoint always reports the new head as missing and the language-model head as
+    unused, which is how it is meant to be. Errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_sequence_classifier(
@@ -258,21 +302,20 @@ def load_sequence_classifier(
     trust_remote_code: bool = False,
     seed: int = 0,
     attn_implementation: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an encoder with a freshly initialised ``num_labels`` classification head (seeded);
-    ``attn_implementation`` as in :func:`load_causal_lm`."""
+    ``attn_implementation`` and ``quantize`` as in :func:`load_causal_lm` (the new head stays float)."""
     path = resolve_model_path(name, cache)
     try:
         tok = _load_tokenizer(path, trust_remote_code, padding_side="right")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_load_report():
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-                **_attn(attn_implementation))
+                **_attn(attn_implementation), **_quantized(quantize, device, dtype))
     except (OSError, ValueError, SafetensorError) as err:
         raise _not_found(name, err) from err
     if model.config.pad_token_id is None:  # decoder classifiers (Llama) find the last token by it
         model.config.pad_token_id = tok.pad_token_id
-    model.to(resolve_device(device))
-    model.eval()
-    return model, tok
+    return _placed(model, quantize, device), tok

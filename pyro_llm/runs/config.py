@@ -22,6 +22,7 @@ from ..infer.laplace import PRIOR_PRECISION_METHODS
 from ..infer.schedules import KLSchedule
 from ..infer.svi import OptimConfig
 from ..models import LoRAOptions
+from ..models.quantize import QUANTIZE_KINDS
 from ..priors import DEFAULT_PRIOR_STD, Prior
 from .compat import upgrade_laplace_dict, upgrade_run_dict
 from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, KLScheduleArgs, lookup, make_guide, names
@@ -50,8 +51,12 @@ class ModelConfig:
                                                    "double backward, e.g. Pyro's AutoLaplaceApproximation).",
                                              choices=("eager", "sdpa"))
     b_site: bool = option(False, "Make B a sample site too (default: a parameter).", flag="--b-site/--b-param")
+    quantize: str | None = option(None, "Quantize the base model's linear layers with bitsandbytes (int8: LLM.int8; "
+                                        "nf4: 4-bit NormalFloat); LoRA and guides stay float32.",
+                                  choices=QUANTIZE_KINDS)
 
     def __post_init__(self) -> None:
+        check_choice("quantize", self.quantize, (None, *QUANTIZE_KINDS))
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ValueError(f"model must be a model name, folder or hub id, got {self.name!r}")
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))

@@ -4,11 +4,9 @@ the user's umask, and identical runs write identical bytes."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -1,0 +1,104 @@
+"""Memory of a quantized base, as ratios against the float32 base measured in the same run.
+
+For each base (float32, int8, nf4) one child process loads the model with LoRA r 8 on q/v and
+reports: the bytes of the quantized linear layers against the same layers in float32 (weights and
+quantization constants counted, :func:`pyro_llm.models.quantize.quantized_linear_bytes`); the whole
+model's bytes (parameters, buffers, quantization constants); and the process's peak resident memory
+after loading and after training steps of a plain LoRA (MAP) and of BLoB. Each configuration runs in
+its own process so that its peak is its own.
+
+    python -m bench.quantized_memory --out bench/results/quantized_memory_cpu.json
+    python -m bench.quantized_memory --model tests-tiny-folder --steps 1 --out /tmp/q.json   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+KINDS = ("float32", "int8", "nf4")
+
+
+def _model_bytes(model: Any) -> int:
+    from pyro_llm.models.quantize import _quant_state_bytes, _tensor_bytes
+
+    total = sum(_tensor_bytes(p) for p in model.parameters()) + sum(_tensor_bytes(b) for b in model.buffers())
+    for p in model.parameters():
+        total += _quant_state_bytes(getattr(p, "quant_state", None)) + _tensor_bytes(getattr(p, "SCB", None))
+    return total
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, max_length: int) -> dict[str, Any]:
+    """One configuration in this process: sizes, then the peak after ``steps`` training steps."""
+    import pyro
+    import torch
+
+    from pyro_llm.data import encode_examples, get_task, load_examples
+    from pyro_llm.infer import OptimConfig, SVITrainer
+    from pyro_llm.models.quantize import quantized_linear_bytes
+    from pyro_llm.runs import make_guide
+    from pyro_llm.models import build_model
+
+    torch.set_num_threads(1)
+    task = get_task("arc-easy")
+    examples = load_examples(task, "train", limit=batch_size * max(steps, 1))
+    model, tok = build_model(model_name, task, dataset_size=len(examples), quantize=None if kind == "float32" else kind)
+    out: dict[str, Any] = {"model_bytes": _model_bytes(model.peft_model), "peak_after_load": _peak_bytes()}
+    if kind != "float32":
+        out["quantized_linear_bytes"], out["as_float32_bytes"] = quantized_linear_bytes(model.peft_model)
+    data = encode_examples(examples, tok, task.num_classes, max_length)
+    pyro.clear_param_store()
+    g = make_guide(guide, model, blob_eps=0.05, sigma_param="square", normal_init_scale=0.01)
+    SVITrainer(model, g, OptimConfig(steps=steps, batch_size=batch_size, lr=1e-4), progress=False).fit(data)
+    out["peak_after_training"] = _peak_bytes()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "GUIDE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.model, args.child[0], args.child[1], args.steps, args.batch_size,
+                               args.max_length)))
+        return
+    results: dict[str, dict[str, Any]] = {}
+    for kind in KINDS:
+        for guide in ("map", "blob"):
+            cmd = [sys.executable, "-m", "bench.quantized_memory", "--model", args.model, "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--child", kind, guide]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[f"{kind}/{guide}"] = json.loads(res.stdout.strip().splitlines()[-1])
+    base = results["float32/map"]
+    report: dict[str, Any] = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+                              "max_length": args.max_length, "raw": results, "ratios": {}}
+    for key, r in results.items():
+        kind = key.split("/")[0]
+        ratios = {"whole model bytes / float32": r["model_bytes"] / base["model_bytes"],
+                  "training peak RSS / float32 LoRA": r["peak_after_training"] / base["peak_after_training"]}
+        if kind != "float32":
+            ratios["quantized linear bytes / their float32"] = r["quantized_linear_bytes"] / r["as_float32_bytes"]
+        report["ratios"][key] = ratios
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(json.dumps(report["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``compare``: a plain fine-tune beside its Bayesian counterparts, each a run of its own; a rerun
+reuses finished methods; presets are differences from the defaults."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pyro_llm.cli import cli
+from pyro_llm.runs import COMPARE_METHODS, PRESETS, RunConfig, load_predictions
+from pyro_llm.runs.config import _SECTIONS
+
+
+@pytest.fixture(scope="module")
+def tiny_sst2(tmp_path_factory):
+    from tiny import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-sst2"), task="sst2")
+
+
+def test_compare_trains_every_method_once_and_prints_them_side_by_side(tiny_sst2, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_sst2), "--steps", "4", "--lr", "5e-2", "--eval-samples", "2",
+            "--test-limit", "24", "--device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    table = json.loads((out / "comparison.json").read_text())
+    assert sorted(table) == sorted(COMPARE_METHODS)
+    assert (out / "reliability.png").stat().st_size > 0 and str(out / "reliability.png") in res.output
+    for method in COMPARE_METHODS:
+        assert f"| {method} |" in res.output
+    # each method is a finished run with the same task, data and seed
+    for run in ("map", "blob-adam", "laplace"):
+        config = json.loads((out / run / "config.json").read_text())
+        assert config["state"] == "finished" and config["run"]["task"] == "sst2"
+        assert config["run"]["data"]["test_limit"] == 24 and config["run"]["data"]["split_fractions"] == [0.1, 0.3, 0.6]
+    assert json.loads((out / "blob-adam" / "config.json").read_text())["run"]["guide"]["name"] == "blob"
+    assert json.loads((out / "map" / "config.json").read_text())["run"]["guide"]["name"] == "map"
+    # the printed metrics are the runs' own recorded predictions
+    probs, labels = load_predictions(out / "blob-adam", "sst2/test")
+    assert len(labels) == 24 and table["blob-adam"]["n"] == 24
+    # a rerun reuses the finished runs (their files untouched) and prints the same table
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
+    assert json.loads((out / "comparison.json").read_text()) == table
+    # other options on the same folder are refused, not silently mixed in
+    other = CliRunner().invoke(cli, [*args[:-2], "--seed", "1", "--out", str(out)])
+    assert other.exit_code != 0 and "--overwrite" in other.output
+
+
+def test_presets_list_only_differences_from_the_defaults():
+    defaults = RunConfig().to_dict()
+    for name, recipe in PRESETS.items():
+        assert set(recipe) <= set(_SECTIONS), name
+        for section, values in recipe.items():
+            for key, value in values.items():
+                assert key in defaults[section], (name, section, key)
+                assert defaults[section][key] != value, f"preset {name} restates the default {section}.{key}"
