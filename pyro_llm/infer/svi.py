@@ -155,7 +155,8 @@ class SVITrainer:
         self.validate_every_step = validate_every_step
         self.use_flipout = use_flipout is not False
         # one handler for all steps: it learns which sites read the same input and fuses their products
-        self._flipout = FlipoutMessenger(sites=model.site_names, warn=use_flipout is True)
+        self._flipout = FlipoutMessenger(sites=model.site_names, warn=use_flipout is True,
+                                         shared_blocks=not getattr(model, "checkpointed_layers", None))
         self.kl_schedule = kl_schedule or ConstantKL(1.0)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
@@ -172,16 +173,23 @@ class SVITrainer:
         """``N``, by which the ELBO is divided to make it per example."""
         return self.model.dataset_size or batch["labels"].shape[0]
 
+    def _handlers(self, step: int) -> contextlib.ExitStack:
+        """Flipout and the step's KL weight, as one context."""
+        stack = contextlib.ExitStack()
+        if self.use_flipout:
+            stack.enter_context(self._flipout)
+        w = self.kl_schedule(step)
+        if w != 1.0:
+            stack.enter_context(kl_weight(weight=w, sites=self.model.site_names))
+        return stack
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.elbo.differentiable_loss(self.model, self.guide, **batch) / self._examples(batch)
+
     def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """Negative per-example ELBO of one minibatch (KL weighted by the schedule)."""
-        n = self._examples(batch)
-        with contextlib.ExitStack() as stack:
-            if self.use_flipout:
-                stack.enter_context(self._flipout)
-            w = self.kl_schedule(step)
-            if w != 1.0:
-                stack.enter_context(kl_weight(weight=w, sites=self.model.site_names))
-            return self.elbo.differentiable_loss(self.model, self.guide, **batch) / n
+        with self._handlers(step):
+            return self._loss(batch)
 
     def kl_loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """The weighted KL term of :meth:`loss` alone, at the parameters' current values: the same
@@ -286,11 +294,14 @@ class SVITrainer:
             store = dict(pyro.get_param_store().named_parameters())
             params = [store[n] for n in self.param_names]
         try:
-            with contextlib.nullcontext() if self.validate_every_step else pyro.validation_enabled(False):
-                loss = self.loss(batch, step)
+            # the backward runs inside the handlers: a layer recomputed under activation
+            # checkpointing sends its LoRA products through Flipout again, which replays its signs
+            with self._handlers(step), (contextlib.nullcontext() if self.validate_every_step
+                                        else pyro.validation_enabled(False)):
+                loss = self._loss(batch)
+                self._backward(loss, batch)
         except FloatingPointError as err:
             raise NonFiniteLossError(f"{err} at step {step}; {self._advice()}") from err
-        self._backward(loss, batch)
         self._average_gradients(params)
         # one host sync for the loss the progress bar shows and the gradients' finiteness together
         grads = [p.grad for p in params if p.grad is not None]

@@ -109,12 +109,15 @@ def build_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     quantize: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[BayesianLoRAModel, PreTrainedTokenizerBase]:
     """Load ``model_name``, add LoRA (fresh, seeded, or from a peft ``adapter_dir``) and wrap it.
 
     Multiple-choice and cloze tasks take a causal LM (heads: :func:`head_for`); classification tasks
     an encoder with a new classification head (kept trainable through peft's ``modules_to_save``).
-    ``quantize`` (``"int8"``, ``"nf4"``) quantizes the base model's linear layers (:mod:`.quantize`).
+    ``quantize`` (``"int8"``, ``"nf4"``) quantizes the base model's linear layers (:mod:`.quantize`);
+    ``gradient_checkpointing`` recomputes the layers' activations in the backward pass
+    (:meth:`BayesianLoRAModel.enable_gradient_checkpointing`).
     """
     if task.kind == CLASSIFICATION:
         base, tok = load_sequence_classifier(model_name, task.num_classes, device=device, dtype=dtype, cache=cache,
@@ -141,7 +144,10 @@ def build_model(
             peft_model = get_peft_model(base, config)
     peft_model.to(torch.device(device) if not isinstance(device, torch.device) else device)
     peft_model.eval()  # dropout off: randomness comes from the guide
-    return BayesianLoRAModel(peft_model, head, prior, b_site=b_site, dataset_size=dataset_size), tok
+    model = BayesianLoRAModel(peft_model, head, prior, b_site=b_site, dataset_size=dataset_size)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, tok
 
 
 @contextlib.contextmanager

@@ -62,6 +62,8 @@ class BayesianLoRAModel:
         self.b_site = b_site
         self.dataset_size = dataset_size
         self.adapter = adapter
+        #: the layers whose activations are recomputed in the backward pass (:meth:`enable_gradient_checkpointing`)
+        self.checkpointed_layers: list[nn.Module] = []
         self.sites: list[Site] = attach_sites(peft_model, adapter, b_site)
         self._by_name: dict[str, Site] = {s.name: s for s in self.sites}
         for p in peft_model.parameters():
@@ -174,13 +176,47 @@ class BayesianLoRAModel:
         return self.logits_at({"input_ids": input_ids, "attention_mask": attention_mask, "choice_mask": choice_mask,
                                "token_type_ids": token_type_ids})
 
+    def enable_gradient_checkpointing(self) -> None:
+        """transformers' activation checkpointing of every layer (non-reentrant): under a gradient a
+        layer keeps only its input and recomputes its activations in the backward pass, trading a
+        second forward for the memory of every layer's activations. Flipout replays its signs in the
+        recomputation (:class:`~pyro_llm.poutine.FlipoutMessenger`), so gradients are those without
+        checkpointing. Passes without a gradient (prediction) run as before, caches included."""
+        base = self.peft_model.get_base_model()
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+        with warnings.catch_warnings():  # transformers 5 renames it; the old name is the one every version has
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*deprecated", category=FutureWarning)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                              "context_fn": self._checkpoint_contexts})
+        self.checkpointed_layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``torch.utils.checkpoint``'s ``context_fn``: the sites' values of a layer's first pass are
+        put back for its recomputation in the backward pass (the model clears them after the forward)."""
+        snapshot = [(s.module, s.module.value) for s in self.sites]
+        return contextlib.nullcontext(), _values_restored(snapshot)
+
+    @contextlib.contextmanager
+    def _checkpointing(self) -> Iterator[None]:
+        """The checkpointed layers in training mode (transformers checkpoints a layer only then),
+        without touching their submodules (dropout stays off), while gradients are being taken."""
+        layers = self.checkpointed_layers if torch.is_grad_enabled() else []
+        for layer in layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = False
+
     def logits_at(self, batch: Mapping[str, torch.Tensor | None],
                   values: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Class logits (float32) of ``batch`` with the sites at ``values`` (default: the adapter's own
         weights), outside Pyro: the deterministic forward that prediction, the GLM predictive and
         K-FAC differentiate. ``values`` may carry a leading sample dimension ``S``; the batch must then
         be ``S`` stacked copies. Keys of ``batch`` other than the inputs (labels, index) are ignored."""
-        with self._use_values(values) if values else contextlib.nullcontext():
+        with self._use_values(values) if values else contextlib.nullcontext(), self._checkpointing():
             logits = self.head(self.peft_model, batch["input_ids"], batch["attention_mask"],
                                batch.get("token_type_ids")).float()
         choice_mask = batch.get("choice_mask")
@@ -218,6 +254,18 @@ class BayesianLoRAModel:
             pyro.deterministic("logits", logits, event_dim=1)
             pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)
         return logits
+
+
+@contextlib.contextmanager
+def _values_restored(snapshot: list[tuple[nn.Module, torch.Tensor | None]]) -> Iterator[None]:
+    before = [(module, module.value) for module, _ in snapshot]
+    for module, value in snapshot:
+        module.value = value
+    try:
+        yield
+    finally:
+        for module, value in before:
+            module.value = value
 
 
 @contextlib.contextmanager

@@ -157,16 +157,22 @@ class FlipoutMessenger(Messenger):
     :param sites: restrict Flipout to these site names (default: every site with a Normal guide).
     :param warn: say which LoRA sites it leaves alone (:class:`FlipoutNotApplied`), once each; off
         where Flipout is applied wherever it can be without anyone having asked for it.
+    :param shared_blocks: read a group's means and noise as views of one split of the joint draw's
+        flat tensors, made at the first product of a pass and shared by all (fewer kernels). Off
+        under activation checkpointing, where a recomputed layer must redo every operation of its
+        first pass: each product then slices and stacks its own.
     """
 
-    def __init__(self, sites: Iterable[str] | None = None, warn: bool = True) -> None:
+    def __init__(self, sites: Iterable[str] | None = None, warn: bool = True, shared_blocks: bool = True) -> None:
         super().__init__()
         self.sites = None if sites is None else frozenset(sites)
         self.warn = warn
+        self.shared_blocks = shared_blocks
         self._q: dict[str, dist.Normal] = {}
         self._noise: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> (A, sigma * E)
         self._input: _Input | None = None
         self._groups: dict[str, tuple[str, ...]] = {}  # first site of an input -> all its sites, kept across entries
+        self._learnt: dict[str, tuple[str, ...]] = {}  # groups seen in this entry, in force from the next
         self._whole: dict[str, FlatNormal] = {}  # site -> the joint draw it is a piece of
         self._auxiliary: dict[int, tuple[dist.Normal, torch.Tensor, torch.Tensor]] = {}  # id(value) -> (q, value, noise)
         self._skipped: dict[str, str] = {}  # site -> its guide distribution's type, when not a Normal marginal
@@ -180,13 +186,18 @@ class FlipoutMessenger(Messenger):
     def __exit__(self, *args: object) -> None:
         self._close_input()
         self._warn_unapplied()
+        self._groups.update(self._learnt)
+        self._learnt = {}
         self._noise, self._auxiliary, self._whole = {}, {}, {}
         return super().__exit__(*args)
 
     def _close_input(self) -> None:
-        """Remember which sites read the input that is done with."""
+        """Remember which sites read the input that is done with. The grouping takes effect at the
+        next entry, so that within one entry every pass makes its products, and draws its signs, in
+        the same order: a layer recomputed under activation checkpointing (its RNG state restored
+        by ``torch.utils.checkpoint``) draws the very signs of its first pass."""
         if self._input is not None and self._input.sites:
-            self._groups[self._input.sites[0]] = tuple(self._input.sites)
+            self._learnt[self._input.sites[0]] = tuple(self._input.sites)
         self._input = None
 
     def _pyro_sample(self, msg: Message) -> None:
@@ -294,7 +305,7 @@ class FlipoutMessenger(Messenger):
         tensors when the members are neighbours there and drew exactly these ``A``, else stacked."""
         names = [name for name, _ in members]
         whole = self._whole.get(names[0])
-        if whole is not None and all(self._whole.get(n) is whole and self._noise[n][0] is w for n, w in members):
+        if self.shared_blocks and whole is not None and all(self._whole.get(n) is whole and self._noise[n][0] is w for n, w in members):
             block = whole.block(names, list(self._groups.values()), dtype)
             if block is not None:
                 return block

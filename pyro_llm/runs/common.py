@@ -75,7 +75,7 @@ def build_for(cfg: RunConfig, task: TaskSpec, dataset_size: int | None, cache: s
     return build_model(model_name_for(cfg, task), task, lora=cfg.lora, prior=cfg.prior.build(), b_site=m.b_site,
                        dataset_size=dataset_size, device=resolve_device(m.device), dtype=m.dtype, cache=cache,
                        seed=cfg.optim.seed, adapter_dir=adapter_dir, attn_implementation=m.attn_implementation,
-                       quantize=m.quantize)
+                       quantize=m.quantize, gradient_checkpointing=m.gradient_checkpointing)
 
 
 def load_split(cfg: RunConfig, task: TaskSpec, split: str, tokenizer: Any, limit: int | None) -> EncodedDataset:

@@ -54,8 +54,12 @@ class ModelConfig:
     quantize: str | None = option(None, "Quantize the base model's linear layers with bitsandbytes (int8: LLM.int8; "
                                         "nf4: 4-bit NormalFloat); LoRA and guides stay float32.",
                                   choices=QUANTIZE_KINDS)
+    gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass "
+                                                 "(transformers' activation checkpointing): less memory, a second "
+                                                 "forward; Flipout's signs are replayed, gradients unchanged.")
 
     def __post_init__(self) -> None:
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
         check_choice("quantize", self.quantize, (None, *QUANTIZE_KINDS))
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ValueError(f"model must be a model name, folder or hub id, got {self.name!r}")
