@@ -1,11 +1,14 @@
-"""Memory of a quantized base, as ratios against the float32 base measured in the same run.
+"""Memory of a quantized base and of activation checkpointing, as ratios against the float32 base
+without checkpointing measured in the same run.
 
 For each base (float32, int8, nf4) one child process loads the model with LoRA r 8 on q/v and
 reports: the bytes of the quantized linear layers against the same layers in float32 (weights and
 quantization constants counted, :func:`pyro_llm.models.quantize.quantized_linear_bytes`); the whole
 model's bytes (parameters, buffers, quantization constants); and the process's peak resident memory
-after loading and after training steps of a plain LoRA (MAP) and of BLoB. Each configuration runs in
-its own process so that its peak is its own.
+after loading and after training steps of a plain LoRA (MAP) and of BLoB. Then, on the float32 base,
+the training peak with and without activation checkpointing at two sequence lengths (``--lengths``).
+Each configuration runs in its own process so that its peak is its own (on the CPU the process's
+peak resident memory, which also holds the loading's transients: a coarse figure).
 
     python -m bench.quantized_memory --out bench/results/quantized_memory_cpu.json
     python -m bench.quantized_memory --model tests-tiny-folder --steps 1 --out /tmp/q.json   # smoke
@@ -37,7 +40,8 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, max_length: int) -> dict[str, Any]:
+def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, max_length: int,
+          checkpointing: bool = False) -> dict[str, Any]:
     """One configuration in this process: sizes, then the peak after ``steps`` training steps."""
     import pyro
     import torch
@@ -51,7 +55,8 @@ def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, m
     torch.set_num_threads(1)
     task = get_task("arc-easy")
     examples = load_examples(task, "train", limit=batch_size * max(steps, 1))
-    model, tok = build_model(model_name, task, dataset_size=len(examples), quantize=None if kind == "float32" else kind)
+    model, tok = build_model(model_name, task, dataset_size=len(examples), quantize=None if kind == "float32" else kind,
+                             gradient_checkpointing=checkpointing)
     out: dict[str, Any] = {"model_bytes": _model_bytes(model.peft_model), "peak_after_load": _peak_bytes()}
     if kind != "float32":
         out["quantized_linear_bytes"], out["as_float32_bytes"] = quantized_linear_bytes(model.peft_model)
@@ -70,22 +75,36 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--child", nargs=2, metavar=("KIND", "GUIDE"), help=argparse.SUPPRESS)
+    ap.add_argument("--lengths", type=int, nargs=2, default=[128, 512], help="sequence lengths of the checkpointing runs")
+    ap.add_argument("--child", nargs=3, metavar=("KIND", "GUIDE", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.model, args.child[0], args.child[1], args.steps, args.batch_size,
-                               args.max_length)))
+                               args.max_length, args.child[2] == "1")))
         return
+
+    def run(kind: str, guide: str, length: int, checkpointing: bool) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "bench.quantized_memory", "--model", args.model, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--max-length", str(length), "--child", kind, guide,
+               "1" if checkpointing else "0"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
     results: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
         for guide in ("map", "blob"):
-            cmd = [sys.executable, "-m", "bench.quantized_memory", "--model", args.model, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--child", kind, guide]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[f"{kind}/{guide}"] = json.loads(res.stdout.strip().splitlines()[-1])
+            results[f"{kind}/{guide}"] = run(kind, guide, args.max_length, False)
+    checkpointing: dict[str, Any] = {}
+    for length in args.lengths:
+        for guide in ("map", "blob"):
+            plain, ckpt = run("float32", guide, length, False), run("float32", guide, length, True)
+            checkpointing[f"{guide}/{length} tokens"] = {
+                "peak RSS with / without checkpointing": ckpt["peak_after_training"] / plain["peak_after_training"],
+                "raw": {"without": plain, "with": ckpt}}
     base = results["float32/map"]
     report: dict[str, Any] = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
-                              "max_length": args.max_length, "raw": results, "ratios": {}}
+                              "max_length": args.max_length, "raw": results, "ratios": {},
+                              "checkpointing": checkpointing}
     for key, r in results.items():
         kind = key.split("/")[0]
         ratios = {"whole model bytes / float32": r["model_bytes"] / base["model_bytes"],
@@ -98,6 +117,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(json.dumps(report["ratios"], indent=2))
+    print(json.dumps({k: v["peak RSS with / without checkpointing"] for k, v in checkpointing.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from ..models import LoRAOptions
 from ..runs.config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
                            PriorConfig, RunConfig)
 from ..runs.registry import PREDICTIVES
-from ..runs.compare import COMPARE_METHODS, QUICK
+from ..runs.compare import COMPARE_METHODS, DEFAULT_METHODS, QUICK
 from .options import config_options, nested_values, param_name
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -128,16 +128,17 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @click.option("--out", "out", default="runs/compare", show_default=True, type=click.Path(path_type=Path),
               help="Folder of the comparison: one run per method inside it.")
 @click.option("--overwrite", is_flag=True, help="Replace the methods' runs in --out instead of reusing finished ones.")
-@click.option("--methods", default=",".join(COMPARE_METHODS), show_default=True,
-              help="Comma-separated methods to compare (map+ts and laplace need map).")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help=f"Comma-separated methods to compare, among {','.join(COMPARE_METHODS)} (map+ts and laplace "
+                   "need map).")
 @config_options("prior", PriorConfig)
 @config_options("lora", LoRAOptions)
 @config_options("optim", OptimConfig, exclude=("g_lr", "g_optimizer", "split_kl"), defaults=QUICK["optim"])
 @config_options("eval", EvalConfig, defaults=QUICK["eval"])
 def compare_cmd(**kw: Any) -> None:
-    """A plain fine-tune (MAP) beside its Bayesian counterparts (BLoB's guide, Laplace-LoRA) and
-    temperature scaling, on the same data: the metrics side by side and one reliability diagram.
-    Without options: SmolLM2-135M on SST-2, a few minutes on a laptop's CPU."""
+    """A plain fine-tune (MAP) beside its Bayesian counterpart (BLoB's guide; Laplace-LoRA with
+    --methods) and temperature scaling, on the same data: the metrics side by side and one
+    reliability diagram. Without options: SmolLM2-135M on SST-2, minutes on a laptop's CPU."""
     from ..runs import compare
 
     cfg = RunConfig.from_dict({"task": kw["task"], **nested_values(kw)})

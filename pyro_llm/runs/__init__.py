@@ -10,7 +10,7 @@ fine-tune beside its Bayesian counterparts), :mod:`.compat` (run folders of earl
 
 from .common import (LoadedRun, build_for, load_predictions, load_split, read_config, record_metrics, retarget_head,
                      run_config_of)
-from .compare import COMPARE_METHODS, QUICK, Comparison, compare
+from .compare import COMPARE_METHODS, DEFAULT_METHODS, QUICK, Comparison, compare
 from .config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
                      PriorConfig, RunConfig, preset_config)
 from .folder import RunDirExistsError, RunFolder, is_run
@@ -21,7 +21,7 @@ from .svi import evaluate_loaded, load_svi_run, svi_predictor, train
 from .zero_shot import load_zero_shot_run, zero_shot
 
 __all__ = [
-    "COMPARE_METHODS", "Comparison", "QUICK", "compare", "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
+    "COMPARE_METHODS", "Comparison", "DEFAULT_METHODS", "QUICK", "compare", "DataConfig", "ELBOS", "EvalConfig", "GUIDES", "GuideConfig", "GuideEntry", "KL_SCHEDULES", "LaplaceConfig",
     "LaplaceRun", "LoadedRun", "ModelConfig", "ObjectiveConfig", "PREDICTIVES", "PRESETS", "PRIORS", "PriorConfig",
     "RunConfig", "RunDirExistsError", "RunFolder", "build_for", "evaluate", "evaluate_ensemble", "evaluate_loaded",
     "is_run", "laplace", "load_laplace_run", "load_predictions", "load_run", "load_split", "load_svi_run",

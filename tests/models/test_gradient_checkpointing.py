@@ -11,7 +11,9 @@ from pyro_llm.infer import OptimConfig, SVITrainer
 from pyro_llm.models import LoRAOptions, build_model
 
 
-def _gradients(tiny_llama, checkpointing, steps_before=1):
+def _trainer(tiny_llama, checkpointing, steps_before):
+    """A BLoB trainer on the tiny Llama after ``steps_before`` steps (after one, Flipout has learnt
+    which sites share inputs), everything seeded."""
     pyro.clear_param_store()
     task = get_task("arc-easy")
     ex = load_examples(task, "train", limit=8)
@@ -22,12 +24,16 @@ def _gradients(tiny_llama, checkpointing, steps_before=1):
     with torch.no_grad():
         for p in model.params.values():
             p.normal_(0, 0.3)  # B != 0: A's Flipout noise reaches the loss
-    guide = BLoBGuide(model)
-    trainer = SVITrainer(model, guide, OptimConfig(steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0),
+    trainer = SVITrainer(model, BLoBGuide(model), OptimConfig(steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0),
                          use_flipout=True, progress=False)
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
-    trainer.fit(data, stop_after=steps_before)  # a step first: Flipout has learnt which sites share inputs
+    trainer.fit(data, stop_after=steps_before)
+    return model, data, trainer
+
+
+def _gradients(tiny_llama, checkpointing, steps_before=1):
+    model, data, trainer = _trainer(tiny_llama, checkpointing, steps_before)
     calls = []
     attn = model.peft_model.get_base_model().model.layers[0].self_attn
     hook = attn.register_forward_hook(lambda *a: calls.append(1))
@@ -56,21 +62,7 @@ def test_without_the_handler_the_recomputation_would_differ(tiny_llama):
     """The check above can fail: replaying needs Flipout active during the backward pass. Run the
     backward outside the handler and the checkpointed gradients move away from the plain ones."""
     plain, _, _ = _gradients(tiny_llama, False)
-    pyro.clear_param_store()
-    task = get_task("arc-easy")
-    ex = load_examples(task, "train", limit=8)
-    model, tok = build_model(str(tiny_llama), task, lora=LoRAOptions(rank=2), dataset_size=8,
-                             gradient_checkpointing=True)
-    data = encode_examples(ex, tok, task.num_classes, max_length=64)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.params.values():
-            p.normal_(0, 0.3)
-    trainer = SVITrainer(model, BLoBGuide(model), OptimConfig(steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0),
-                         use_flipout=True, progress=False)
-    torch.manual_seed(0)
-    pyro.set_rng_seed(0)
-    trainer.fit(data, stop_after=1)
+    model, data, trainer = _trainer(tiny_llama, True, 1)
     batch = data.batch(torch.arange(4, 8))
     loss = trainer.loss(batch, 1)  # the handlers exit here
     try:  # the recomputation makes plain products: torch notices the changed graph, or the gradients differ

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyro_llm.cli import cli
-from pyro_llm.runs import COMPARE_METHODS, PRESETS, RunConfig, load_predictions
+from pyro_llm.runs import COMPARE_METHODS, DEFAULT_METHODS, PRESETS, RunConfig, load_predictions
 from pyro_llm.runs.config import _SECTIONS
 
 
@@ -21,7 +21,7 @@ def tiny_sst2(tmp_path_factory):
 def test_compare_trains_every_method_once_and_prints_them_side_by_side(tiny_sst2, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--model", str(tiny_sst2), "--steps", "4", "--lr", "5e-2", "--eval-samples", "2",
-            "--test-limit", "24", "--device", "cpu", "--out", str(out)]
+            "--test-limit", "24", "--device", "cpu", "--methods", ",".join(COMPARE_METHODS), "--out", str(out)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     table = json.loads((out / "comparison.json").read_text())
@@ -58,3 +58,11 @@ def test_presets_list_only_differences_from_the_defaults():
             for key, value in values.items():
                 assert key in defaults[section], (name, section, key)
                 assert defaults[section][key] != value, f"preset {name} restates the default {section}.{key}"
+
+
+def test_compare_runs_its_default_methods_without_laplace(tiny_sst2, tmp_path):
+    res = CliRunner().invoke(cli, ["compare", "--model", str(tiny_sst2), "--steps", "2", "--eval-samples", "2",
+                                   "--test-limit", "8", "--device", "cpu", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert sorted(json.loads((tmp_path / "c" / "comparison.json").read_text())) == sorted(DEFAULT_METHODS)
+    assert not (tmp_path / "c" / "laplace").exists()
