@@ -52,7 +52,7 @@ def test_auto_laplace_approximation_gives_its_map_to_fit_laplace_and_the_mean_pr
     flat = torch.cat([point[site["name"]].reshape(-1) for site, _ in guide._unpack_latent(guide.loc)])
     torch.testing.assert_close(flat, guide.loc.detach(), rtol=0, atol=0)  # the trained latent, site by site
     init = {s.name: s.module.weight.detach().clone() for s in model.sites}
-    fit = fit_laplace(model, data, guide=guide, prior_precision=1.0, progress=False)
+    fit = fit_laplace(model, data, guide=guide, prior_precision=1.0, progress=False, a_only=True)
     for s in model.sites:  # the MAP was written into the modules, and it moved from the initialisation
         torch.testing.assert_close(s.module.weight.detach(), point[s.name], rtol=0, atol=0)
     assert any(not torch.equal(init[n], point[n]) for n in init)
