@@ -27,15 +27,6 @@ from typing import Any
 KINDS = ("float32", "int8", "nf4")
 
 
-def _model_bytes(model: Any) -> int:
-    from pyro_llm.models.quantize import _quant_state_bytes, _tensor_bytes
-
-    total = sum(_tensor_bytes(p) for p in model.parameters()) + sum(_tensor_bytes(b) for b in model.buffers())
-    for p in model.parameters():
-        total += _quant_state_bytes(getattr(p, "quant_state", None)) + _tensor_bytes(getattr(p, "SCB", None))
-    return total
-
-
 def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -48,7 +39,7 @@ def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, m
 
     from pyro_llm.data import encode_examples, get_task, load_examples
     from pyro_llm.infer import OptimConfig, SVITrainer
-    from pyro_llm.models.quantize import quantized_linear_bytes
+    from pyro_llm.models.quantize import quantized_linear_bytes, stored_bytes
     from pyro_llm.runs import make_guide
     from pyro_llm.models import build_model
 
@@ -57,7 +48,7 @@ def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, m
     examples = load_examples(task, "train", limit=batch_size * max(steps, 1))
     model, tok = build_model(model_name, task, dataset_size=len(examples), quantize=None if kind == "float32" else kind,
                              gradient_checkpointing=checkpointing)
-    out: dict[str, Any] = {"model_bytes": _model_bytes(model.peft_model), "peak_after_load": _peak_bytes()}
+    out: dict[str, Any] = {"model_bytes": stored_bytes(model.peft_model), "peak_after_load": _peak_bytes()}
     if kind != "float32":
         out["quantized_linear_bytes"], out["as_float32_bytes"] = quantized_linear_bytes(model.peft_model)
     data = encode_examples(examples, tok, task.num_classes, max_length)

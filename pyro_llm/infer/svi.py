@@ -155,8 +155,7 @@ class SVITrainer:
         self.validate_every_step = validate_every_step
         self.use_flipout = use_flipout is not False
         # one handler for all steps: it learns which sites read the same input and fuses their products
-        self._flipout = FlipoutMessenger(sites=model.site_names, warn=use_flipout is True,
-                                         shared_blocks=not getattr(model, "checkpointed_layers", None))
+        self._flipout = FlipoutMessenger(sites=model.site_names, warn=use_flipout is True)
         self.kl_schedule = kl_schedule or ConstantKL(1.0)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
@@ -177,6 +176,9 @@ class SVITrainer:
         """Flipout and the step's KL weight, as one context."""
         stack = contextlib.ExitStack()
         if self.use_flipout:
+            # read from the model at every step: a layer recomputed under activation checkpointing
+            # must redo every operation of its first pass, so no view may be shared across layers
+            self._flipout.shared_blocks = not getattr(self.model, "checkpointed_layers", None)
             stack.enter_context(self._flipout)
         w = self.kl_schedule(step)
         if w != 1.0:

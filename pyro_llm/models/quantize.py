@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["QUANTIZE_KINDS", "check_quantize", "quantization_config", "quantized_linear_bytes"]
+__all__ = ["QUANTIZE_KINDS", "check_quantize", "quantization_config", "quantized_linear_bytes", "stored_bytes"]
 
 #: ``--quantize`` choices: LLM.int8 (8-bit rows with fp16 outliers) and 4-bit NormalFloat
 QUANTIZE_KINDS = ("int8", "nf4")
@@ -84,3 +84,12 @@ def quantized_linear_bytes(model: nn.Module) -> tuple[int, int]:
         as_float += 4 * (module.in_features * module.out_features + (module.out_features if module.bias is not None
                                                                      else 0))
     return stored, as_float
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the whole model holds: every parameter and buffer as stored, with the quantization
+    constants bitsandbytes keeps beside its weights (NF4's ``quant_state``, int8's ``SCB``)."""
+    total = sum(_tensor_bytes(p) for p in model.parameters()) + sum(_tensor_bytes(b) for b in model.buffers())
+    for p in model.parameters():
+        total += _quant_state_bytes(getattr(p, "quant_state", None)) + _tensor_bytes(getattr(p, "SCB", None))
+    return total

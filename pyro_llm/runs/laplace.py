@@ -109,7 +109,8 @@ class LaplaceRun:
         return metrics
 
 
-def _as_built(cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, base: str, adapter_run: RunConfig | None) -> None:
+def _as_built(cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, base: str | None,
+              adapter_run: RunConfig | None) -> None:
     """Make ``cfg`` describe the model a Laplace run builds: the adapter's LoRA, the prior of the run
     that trained it (a foreign peft adapter: ``cfg``'s, by default N(0, 0.2^2)), ``B`` a site unless
     ``a_only``, the adapter's base model."""
@@ -229,9 +230,8 @@ def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | N
     if device is not None:
         cfg.model.device = device
     task = get_task(cfg.task)
-    # the adapter's LoRA and B's role are the run's by construction (earlier releases recorded defaults)
-    cfg.lora = lora_options_from_adapter(run_dir / "adapter")
-    cfg.model.b_site = not lcfg.a_only
+    # as built (earlier releases recorded the default LoRA and B's role; the prior recorded is the one built)
+    _as_built(cfg, lcfg, run_dir / "adapter", cfg.model.name, None)
     net, tok = _build(cfg, task, run_dir / "adapter", cache)
     guide = LaplaceGuide.load(net, run_dir / "laplace" / "guide.safetensors")
     return LaplaceRun(net, guide, tok, cfg, lcfg, task, run_dir)
