@@ -110,6 +110,27 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def allocator_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes the CPU allocator held during ``fn`` above what it held when ``fn`` started (from
+    the memory events of torch's profiler): a step's activations, gradients and transients, exact
+    and free of the process's loading history, which the resident-memory peak is not."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    if not memory:
+        return 0
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - start
+
+
 def load_base(model: str, device: torch.device, dtype: str):
     """The real embedded/hub model, or ``llama-1b``: a random-init Llama-1B config with the SmolLM2 tokenizer."""
     if model == "llama-1b":
@@ -195,6 +216,6 @@ def report(name: str, result: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-__all__ = ["BayesianLoRAModel", "LLAMA_1B", "answer_head", "arc_batches", "bench_parser", "child_output", "describe",
+__all__ = ["BayesianLoRAModel", "LLAMA_1B", "allocator_peak", "answer_head", "arc_batches", "bench_parser", "child_output", "describe",
            "fwd_bwd_floor", "interleaved", "interleaved_samples", "load_base", "medians",
            "median_ci", "paired_ratios", "peak_memory", "ratio_summary", "report", "subprocess_peak", "sync"]

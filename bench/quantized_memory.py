@@ -5,10 +5,11 @@ For each base (float32, int8, nf4) one child process loads the model with LoRA r
 reports: the bytes of the quantized linear layers against the same layers in float32 (weights and
 quantization constants counted, :func:`pyro_llm.models.quantize.quantized_linear_bytes`); the whole
 model's bytes (parameters, buffers, quantization constants); and the process's peak resident memory
-after loading and after training steps of a plain LoRA (MAP) and of BLoB. Then, on the float32 base,
-the training peak with and without activation checkpointing at two sequence lengths (``--lengths``).
-Each configuration runs in its own process so that its peak is its own (on the CPU the process's
-peak resident memory, which also holds the loading's transients: a coarse figure).
+after loading and after training steps of a plain LoRA (MAP) and of BLoB, and the peak bytes the
+allocator holds during one more training step above what it held before it (torch's profiler:
+activations, gradients, transients; exact, and free of the loading's history, which the resident
+peak is not). Then, on the float32 base, the same with and without activation checkpointing at two
+sequence lengths (``--lengths``). Each configuration runs in its own process.
 
     python -m bench.quantized_memory --out bench/results/quantized_memory_cpu.json
     python -m bench.quantized_memory --model tests-tiny-folder --steps 1 --out /tmp/q.json   # smoke
@@ -37,6 +38,7 @@ def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, m
     import pyro
     import torch
 
+    from bench.common import allocator_peak
     from pyro_llm.data import encode_examples, get_task, load_examples
     from pyro_llm.infer import OptimConfig, SVITrainer
     from pyro_llm.models.quantize import quantized_linear_bytes, stored_bytes
@@ -54,8 +56,14 @@ def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, m
     data = encode_examples(examples, tok, task.num_classes, max_length)
     pyro.clear_param_store()
     g = make_guide(guide, model, blob_eps=0.05, sigma_param="square", normal_init_scale=0.01)
-    SVITrainer(model, g, OptimConfig(steps=steps, batch_size=batch_size, lr=1e-4), progress=False).fit(data)
+    trainer = SVITrainer(model, g, OptimConfig(steps=steps + 1, batch_size=batch_size, lr=1e-4), progress=False)
+    batch = data.batch(torch.arange(batch_size), model.device)
+    out["tokens"] = int(batch["attention_mask"].shape[-1])  # the batch's padded length
+    for i in range(steps):
+        trainer.step(batch, i)
     out["peak_after_training"] = _peak_bytes()
+    # one more step (optimiser state already there) under the profiler: its own allocations
+    out["step_allocator_peak"] = allocator_peak(lambda: trainer.step(batch, steps))
     return out
 
 
@@ -90,6 +98,8 @@ def main() -> None:
         for guide in ("map", "blob"):
             plain, ckpt = run("float32", guide, length, False), run("float32", guide, length, True)
             checkpointing[f"{guide}/{length} tokens"] = {
+                "step allocator peak with / without checkpointing":
+                    ckpt["step_allocator_peak"] / plain["step_allocator_peak"],
                 "peak RSS with / without checkpointing": ckpt["peak_after_training"] / plain["peak_after_training"],
                 "raw": {"without": plain, "with": ckpt}}
     base = results["float32/map"]
@@ -99,7 +109,8 @@ def main() -> None:
     for key, r in results.items():
         kind = key.split("/")[0]
         ratios = {"whole model bytes / float32": r["model_bytes"] / base["model_bytes"],
-                  "training peak RSS / float32 LoRA": r["peak_after_training"] / base["peak_after_training"]}
+                  "training peak RSS / float32 LoRA": r["peak_after_training"] / base["peak_after_training"],
+                  "step allocator peak / float32 LoRA": r["step_allocator_peak"] / base["step_allocator_peak"]}
         if kind != "float32":
             ratios["quantized linear bytes / their float32"] = r["quantized_linear_bytes"] / r["as_float32_bytes"]
         report["ratios"][key] = ratios
@@ -108,7 +119,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(json.dumps(report["ratios"], indent=2))
-    print(json.dumps({k: v["peak RSS with / without checkpointing"] for k, v in checkpointing.items()}, indent=2))
+    print(json.dumps({k: {m: v[m] for m in v if m != "raw"} for k, v in checkpointing.items()}, indent=2))
 
 
 if __name__ == "__main__":

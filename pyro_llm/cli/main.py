@@ -167,6 +167,8 @@ def laplace_cmd(**kw: Any) -> None:
     lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=KFACConfig(**values.pop("kfac")), **values.pop("laplace"))
     cfg = RunConfig.from_dict({"task": kw["task"], **values})
     result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
+    if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: rank 0 reports
+        return
     _print_metrics({k: v for k, v in result.items() if isinstance(v, dict)})
     click.echo(f"log marginal likelihood {result['log_marginal_likelihood']:.2f}, "
                f"prior precision {result['prior_precision']}")

@@ -21,6 +21,14 @@ read a layer's hidden states) have the very same input factor: it is accumulated
 eigendecomposed once and handed to each of them. The sharing found on the first batch is checked
 on every later one; should a model route inputs differently from batch to batch, the fit starts
 again without sharing, so the factors never depend on it.
+
+Several ranks (:mod:`pyro_llm.ranks`): each takes every ``world``-th batch, and before any
+eigendecomposition the ranks sum, in one all-reduce, every factor (a dense one as the upper
+triangle of its ``d x d`` sum; a streamed one as its rank-``n_kfac`` basis in the rank's own slot,
+so the sum concatenates the bases), the rows counted and the log-likelihood. Dense factors,
+evidence and everything after them equal one process's to float tolerance. The sampled Fisher's
+labels come from one uniform per example drawn before the pass, so they do not depend on how
+the batches are shared out either.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import ranks
 from ..checks import check_int
 from ..options import option
 from ..data.collate import EncodedDataset
@@ -266,36 +275,90 @@ class _SiteHooks:
         return [(self.S, 1.0, None), (self.A, 1.0 / max(self.A.count, 1), None)]
 
 
+def _sampled_labels(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Labels drawn from ``softmax`` rows given by ``logp``, by inverting each row's distribution
+    function at its uniform ``u`` (a class of probability zero is never drawn)."""
+    cdf = logp.double().exp().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+
+
+def _unique_accumulators(hooks: list[_SiteHooks]) -> list[FactorAccumulator]:
+    seen: dict[int, FactorAccumulator] = {}
+    for h in hooks:
+        for acc in (h.S, h.A):
+            seen.setdefault(id(acc), acc)
+    return list(seen.values())
+
+
+def _sum_across_ranks(hooks: list[_SiteHooks], loglik: torch.Tensor, changed: bool) -> torch.Tensor:
+    """Sum every factor, row count and the log-likelihood over the ranks (module docstring) in one
+    all-reduce, after agreeing (one small all-reduce) that no rank saw the input sharing change and
+    that all hold factors of the same shapes. Returns the summed log-likelihood."""
+    rank, size = ranks.world()
+    if size == 1:
+        return loglik
+    accs = _unique_accumulators(hooks)
+    numel = 2 + len(accs) + sum(a.dim * (a.dim + 1) // 2 if a.dense else size * a.dim * a.rank for a in accs)
+    flags = ranks.max_across([torch.tensor([float(changed), numel, -numel], dtype=torch.float64)])[0]
+    if flags[0] > 0:
+        raise _SharingChanged("another rank")
+    if flags[1] != -flags[2]:
+        raise RuntimeError("the ranks collected K-FAC factors of different shapes (models built differently?)")
+    dev = loglik.device  # every part where the factors are: one buffer, moved (if at all) once
+    parts = [loglik.reshape(1), torch.tensor([float(a.count) for a in accs], dtype=torch.float64, device=dev)]
+    for a in accs:
+        if a.dense:
+            a.fold()
+            mat = a.mat if a.mat is not None else torch.zeros(a.dim, a.dim, dtype=torch.float64, device=dev)
+            iu = torch.triu_indices(a.dim, a.dim, device=dev)
+            parts.append(mat.to(dev)[iu[0], iu[1]])
+        else:
+            slots = torch.zeros(size, a.dim, a.rank, dtype=torch.float64, device=dev)
+            basis = a.basis.to(dev)
+            slots[rank, :, :basis.shape[1]] = basis
+            parts.append(slots)
+    summed = ranks.sum_across(parts)
+    for a, count in zip(accs, summed[1].tolist()):
+        a.count = int(count)
+    for a, packed in zip(accs, summed[2:]):
+        if a.dense:
+            iu = torch.triu_indices(a.dim, a.dim, device=dev)
+            mat = torch.zeros(a.dim, a.dim, dtype=torch.float64, device=dev)
+            mat[iu[0], iu[1]] = packed
+            a.mat = (mat + mat.triu(1).T).to(a.device)
+        else:  # the ranks' bases side by side: C C^T is the sum of their U U^T
+            a._basis = packed.permute(1, 0, 2).reshape(a.dim, size * a.rank).to(a.device)
+    return summed[0][0]
+
+
 def fit_kfac(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig = KFACConfig(), *,
              values: dict[str, torch.Tensor] | None = None, progress: bool = True,
              generator: torch.Generator | None = None) -> KFACFactors:
     """K-FAC factors of every site of ``model`` at ``values`` (default: the sites' point values,
     i.e. the MAP adapter), over all of ``data``."""
-    device = model.device
-    rng = generator.get_state() if generator is not None else torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if generator is None and device.type == "cuda" else None
+    # one uniform per example, drawn whatever the labels: the sampled labels of an example do not
+    # depend on its batch or on the ranks the batches are shared among, nor on a restarted pass
+    uniforms = torch.rand(len(data), generator=generator, dtype=torch.float64)
     try:
-        return _fit(model, data, config, values, progress, generator, share=True)
+        return _fit(model, data, config, values, progress, uniforms, share=True)
     except _SharingChanged:  # start again, with the same random labels, without sharing
-        if generator is not None:
-            generator.set_state(rng)
-        else:
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, device)
-        return _fit(model, data, config, values, progress, generator, share=False)
+        return _fit(model, data, config, values, progress, uniforms, share=False)
 
 
 def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, values: dict[str, torch.Tensor] | None,
-         progress: bool, generator: torch.Generator | None, share: bool) -> KFACFactors:
+         progress: bool, uniforms: torch.Tensor, share: bool) -> KFACFactors:
     device = model.device
     values = values if values is not None else model.point_values()
     state: dict[str, Any] = {"mask": None, "mean": None, "share": share, "first_batch": True, "inputs": []}
     hooks = [_SiteHooks(s.name, s.module, config, state) for s in model.sites]
     loglik = torch.zeros((), dtype=torch.float64, device=device)
+    batches = data.by_length(config.batch_size)
+    if len(batches) < ranks.world()[1]:
+        raise ValueError(f"K-FAC: {len(batches)} batches of {config.batch_size} for {ranks.world()[1]} processes; "
+                         "every process needs at least one (fewer processes or a smaller batch size)")
+    changed = False
     try:
-        for i, idx in enumerate(tqdm(data.by_length(config.batch_size), desc="k-fac", disable=not progress,
-                                     leave=False)):
+        for i, idx in enumerate(tqdm(ranks.shard(batches), desc="k-fac", disable=not progress, leave=False)):
             batch = data.batch(idx, device)
             # the row weights once per batch, not once per site hook (120 of them for SmolLM2)
             # (a cloze batch's [examples, choices, length] is the transformer's rows of [length])
@@ -306,13 +369,18 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
                 logp = logits.log_softmax(-1)
                 loglik += logp.detach().gather(1, batch["labels"][:, None]).sum()
                 if config.fisher == "mc":
-                    y = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+                    y = _sampled_labels(logp.detach(), uniforms[idx].to(device))
                 else:
                     y = batch["labels"]
                 (-logp.gather(1, y[:, None]).sum()).backward()
+    except _SharingChanged:
+        if ranks.world()[1] == 1:
+            raise
+        changed = True  # the other ranks learn it below and start again with this one
     finally:
         for h in hooks:
             h.handle.remove()
+    loglik = _sum_across_ranks(hooks, loglik, changed)
     # one decomposition per factor, however many sites share it, all at the end
     unique: dict[int, tuple[FactorAccumulator, float, int | None]] = {}
     for h in hooks:

@@ -17,6 +17,8 @@ Predictive probabilities: the probit approximation over the logits' differences
 (:func:`probit_probs`; shift-invariant, as the exact predictive is) or Monte Carlo over logits,
 averaging probabilities.
 Covariances are computed for several prior precisions at once (for tuning by validation NLL).
+Under several ranks each takes its share of the batches and all receive the whole result
+(:mod:`pyro_llm.ranks`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import ranks
 from ..checks import check_int
-from ..data.collate import EncodedDataset, in_row_order
+from ..data.collate import EncodedDataset
 from ..guides.laplace import LaplaceGuide
 
 __all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
@@ -103,7 +106,7 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
         return fn
 
     rows_are_classes = bool(getattr(model.head, "rows_are_classes", False))
-    batches = data.by_length(batch_size, max_tokens)
+    batches = ranks.shard(data.by_length(batch_size, max_tokens))  # this rank's share (all, alone)
     handles = [s.module.register_forward_hook(hook(s.name)) for s in model.sites]
     values = {k: v.detach().requires_grad_(True) for k, v in guide.median().items()}
     try:
@@ -128,11 +131,14 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
             cov = torch.zeros(lams.shape[0], B, C, C, dtype=torch.float64, device=device)
             cov[:, :, active[:, None], active[None, :]] = cov_a
             means.append(logits.detach().double().cpu())
-            covs.append(cov.cpu())
+            covs.append(cov.transpose(0, 1).cpu())  # rows first
     finally:
         for h in handles:
             h.remove()
-    return in_row_order(batches, means), in_row_order(batches, covs, dim=1)
+    C = data.choice_mask.shape[1]
+    mean = ranks.rows_across(batches, means, (len(data), C), torch.float64)
+    cov = ranks.rows_across(batches, covs, (len(data), lams.shape[0], C, C), torch.float64)
+    return mean, cov.transpose(0, 1)
 
 
 def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ import pyro.distributions as pdist
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
-from torch import distributed as dist
 from tqdm.auto import tqdm
 
+from .. import ranks
 from ..checks import MAX_SEED, check_choice, check_int, check_real
 from ..options import option
 from ..data.collate import EncodedDataset
@@ -260,31 +260,22 @@ class SVITrainer:
                     group["weight_decay"] = cfg.weight_decay
 
     # -- several processes -------------------------------------------------------------------------
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def _local(self, index: torch.Tensor) -> torch.Tensor:
-        rank, world = self._world()
+        rank, world = ranks.world()
         if world > 1 and index.shape[0] % world:
             raise ValueError(f"batch size {index.shape[0]} is not divisible by the {world} processes")
         return index[rank::world]
 
     def _average_gradients(self, params: list[torch.Tensor]) -> None:
-        _, world = self._world()
+        _, world = ranks.world()
         if world == 1:
             return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         # one bucket: every gradient in one flat buffer, one all-reduce, copied back
-        flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
-        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-            p.grad.copy_(g)
+        for p, g in zip(params, ranks.sum_across([p.grad for p in params])):
+            p.grad.copy_(g).div_(world)
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor], step: int, params: list[torch.Tensor] | None = None) -> float:
@@ -404,7 +395,7 @@ class SVITrainer:
         device = device or self.model.device
         if len(data) < cfg.batch_size:
             raise ValueError(f"the training set has {len(data)} examples, fewer than batch size {cfg.batch_size}")
-        rank, _ = self._world()
+        rank, _ = ranks.world()
         torch.manual_seed(cfg.seed)
         self._setup(data.batch(self._local(data.training_batch(0, cfg.batch_size, cfg.seed)), device))
         start = 0

@@ -30,6 +30,7 @@ import pyro
 import torch
 from torch import distributed as dist
 
+from .. import ranks
 from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..evaluation import Metrics, compute_metrics, plot_reliability
 from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
@@ -207,8 +208,9 @@ def score(run: Any, task: TaskSpec, split: str, limit: int | None, predict: Any,
     probs = predict(data)
     metrics = compute_metrics(probs, data.labels, n_bins=cfg.eval.ece_bins)
     # the limit is recorded with the predictive's facts: together they name the examples and draws
-    record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels,
-                   {**(extra or {}), "limit": limit})
+    if ranks.world()[0] == 0:  # under several ranks each predicted its share; rank 0 records the whole
+        record_metrics(run.run_dir, f"{task.name}/{split}{suffix}", metrics, probs, data.labels,
+                       {**(extra or {}), "limit": limit})
     return metrics, probs, data.labels
 
 

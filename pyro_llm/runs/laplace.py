@@ -9,10 +9,15 @@ folder (``adapter_config.json`` + weights). The base model is the run's, the ada
     RUN_DIR/laplace/guide.safetensors   K-FAC eigen-factors, MAP means, prior precision(s)
     RUN_DIR/laplace/fit.json      log-likelihood, evidence, prior precision, fit time
     RUN_DIR/metrics.json, reliability_*.png
+
+Under ``torchrun`` / ``accelerate launch`` every rank fits and evaluates its share of the data
+(the K-FAC pass, the GLM and sampled predictives; see :mod:`pyro_llm.ranks`), all hold the same
+posterior, and rank 0 alone decides about the run folder and writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict
@@ -27,10 +32,12 @@ from ..evaluation import predict_proba
 from ..evaluation.glm import glm_logit_moments, mc_probs, probit_probs
 from ..guides import LaplaceGuide
 from ..infer.laplace import fit_laplace, tune_prior_precision
+from .. import ranks
 from ..checks import check_int
 from ..io import CorruptFileError, atomic_write_json, read_json
 from ..models import lora_options_from_adapter
-from .common import build_for, evaluation_limit, load_split, read_config, run_config_of, score, write_config
+from .common import (build_for, evaluation_limit, load_split, process_group, read_config, run_config_of, score,
+                     write_config)
 from .config import LaplaceConfig, RunConfig
 from .folder import RunFolder
 from .registry import PREDICTIVES, lookup
@@ -143,16 +150,35 @@ def laplace(cfg: RunConfig, lcfg: LaplaceConfig, run_dir: str | Path, *, model: 
     run_dir = Path(run_dir)
     given = Path(lcfg.adapter)
     adapter_dir, base, adapter_run = resolve_adapter(given, model or cfg.model.name)
-    folder = RunFolder(run_dir, overwrite=overwrite, inputs=(given, adapter_dir, base, cfg.task,
-                                                             lcfg.curvature_from or None))
-    try:
-        _as_built(cfg, lcfg, adapter_dir, base, adapter_run)
-        return _laplace_in(folder, cfg, lcfg, adapter_dir, progress=progress, cache=cache)
-    finally:
-        folder.release()
+    with process_group(cfg) as rank:
+        folder = _folder_of_rank_0(rank, run_dir, overwrite, (given, adapter_dir, base, cfg.task,
+                                                               lcfg.curvature_from or None))
+        try:
+            _as_built(cfg, lcfg, adapter_dir, base, adapter_run)
+            return _laplace_in(folder, cfg, lcfg, adapter_dir, run_dir, progress=progress and rank == 0, cache=cache)
+        finally:
+            if folder is not None:
+                folder.release()
 
 
-def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, *,
+def _folder_of_rank_0(rank: int, run_dir: Path, overwrite: bool, inputs: tuple[Any, ...]) -> RunFolder | None:
+    """Rank 0's :class:`RunFolder` (``None`` on the other ranks, which write nothing); a folder rank
+    0 refuses stops every rank, with rank 0's error on rank 0."""
+    folder, failure = None, None
+    if rank == 0:
+        try:
+            folder = RunFolder(run_dir, overwrite=overwrite, inputs=inputs)
+        except Exception as err:  # noqa: BLE001  (re-raised below, once the other ranks know)
+            failure = err
+    refused = ranks.max_across([torch.tensor([float(failure is not None)])])[0]
+    if failure is not None:
+        raise failure
+    if bool(refused[0]):
+        raise RuntimeError(f"rank 0 refused the run folder {run_dir} (its error says why)")
+    return folder
+
+
+def _laplace_in(folder: RunFolder | None, cfg: RunConfig, lcfg: LaplaceConfig, adapter_dir: Path, run_dir: Path, *,
                 progress: bool, cache: str | None) -> dict[str, Any]:
     task = get_task(cfg.task)
     lcfg.adapter = str(adapter_dir.resolve())
@@ -161,15 +187,16 @@ def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_
     validation = load_split(cfg, task, "validation", tok, None) if lcfg.prior_precision == "val-nll" else None
     net.dataset_size = len(train)
     source = _curvature_source(lcfg, cfg, adapter_dir) if lcfg.curvature_from else None
-    with folder as out:
-        # config.json first: a kill during the copy leaves a run that its rerun starts afresh
-        write_config(out, "laplace", cfg, state="running", laplace=asdict(lcfg))
-        shutil.copytree(adapter_dir, out / "adapter")  # the run is self-contained
+    with folder if folder is not None else contextlib.nullcontext(None) as out:
+        if out is not None:
+            # config.json first: a kill during the copy leaves a run that its rerun starts afresh
+            write_config(out, "laplace", cfg, state="running", laplace=asdict(lcfg))
+            shutil.copytree(adapter_dir, out / "adapter")  # the run is self-contained
         start = time.perf_counter()
         if source is None:
             gen = torch.Generator(device="cpu").manual_seed(cfg.optim.seed)
             fit = fit_laplace(net, train, lcfg.kfac, validation=validation, glm_max_tokens=lcfg.glm_max_tokens,
-                              progress=progress, generator=gen if net.device.type == "cpu" else None,
+                              progress=progress, generator=gen,
                               a_only=lcfg.a_only,
                               **_prior_precision_args(lcfg.prior_precision))
             guide, log_likelihood, num_examples = fit.guide, fit.factors.log_likelihood, fit.factors.num_examples
@@ -181,16 +208,18 @@ def _laplace_in(folder: RunFolder, cfg: RunConfig, lcfg: LaplaceConfig, adapter_
                                  batch_size=lcfg.batch_size, max_tokens=lcfg.glm_max_tokens, progress=progress,
                                  **_prior_precision_args(lcfg.prior_precision))
         fit_seconds = time.perf_counter() - start
-        run = LaplaceRun(net, guide, tok, cfg, lcfg, task, out)
-        guide.save(out / "laplace" / "guide.safetensors")
         lml = float(guide.log_marginal_likelihood(log_likelihood))
-        atomic_write_json(out / "laplace" / "fit.json", {
-            "log_likelihood": log_likelihood, "log_marginal_likelihood": lml,
-            "prior_precision": guide.prior_precision.tolist(), "num_examples": num_examples,
-            "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in guide.blocks.values()),
-            **({"curvature_from": str(source)} if source is not None else {})})
-        metrics = run.evaluate(task, progress=progress)
-        write_config(out, "laplace", cfg, state="finished", laplace=asdict(lcfg))
+        if out is not None:
+            guide.save(out / "laplace" / "guide.safetensors")
+            atomic_write_json(out / "laplace" / "fit.json", {
+                "log_likelihood": log_likelihood, "log_marginal_likelihood": lml,
+                "prior_precision": guide.prior_precision.tolist(), "num_examples": num_examples,
+                "fit_seconds": fit_seconds, "num_params": sum(b.numel for b in guide.blocks.values()),
+                **({"curvature_from": str(source)} if source is not None else {})})
+        # every rank evaluates its share; rank 0 records (score)
+        metrics = LaplaceRun(net, guide, tok, cfg, lcfg, task, out or run_dir).evaluate(task, progress=progress)
+        if out is not None:
+            write_config(out, "laplace", cfg, state="finished", laplace=asdict(lcfg))
     return {f"{task.name}/test": metrics.as_dict(), "log_marginal_likelihood": lml,
             "prior_precision": guide.prior_precision.tolist()}
 

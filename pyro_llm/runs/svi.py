@@ -106,22 +106,22 @@ def _train_in(folder: RunFolder, cfg: RunConfig, task: TaskSpec, run_dir: Path, 
                              use_flipout=bool(cfg.guide.flipout), kl_schedule=kl, run_dir=out, progress=progress)
         with lora_dropout_active(model, enabled=cfg.lora.dropout > 0):
             history = trainer.fit(train_data, resume=continuing)
-        if rank > 0:  # other ranks of a torchrun job: rank 0 saves and evaluates
-            return {}
-        atomic_write_json(out / "history.json", history)
         first = train_data.batch(torch.arange(min(2, len(train_data))), model.device)
         write_back_means(model, guide, first)
-        # the base's embedding layers are never trained: peft would save a whole lm_head targeted by LoRA
-        model.peft_model.save_pretrained(str(out / "adapter"), save_embedding_layers=False)
-        save_params(out / "guide.safetensors", trainer.param_names, {"guide": cfg.guide.name})
-        scales = scale_summary(guide)
-        if scales is not None:  # where the posterior is wide, per site (BLoB's sigma)
-            atomic_write_json(out / "scales.json", scales)
+        if rank == 0:  # other ranks of a torchrun job: rank 0 saves; all evaluate their share
+            atomic_write_json(out / "history.json", history)
+            # the base's embedding layers are never trained: peft would save a whole lm_head targeted by LoRA
+            model.peft_model.save_pretrained(str(out / "adapter"), save_embedding_layers=False)
+            save_params(out / "guide.safetensors", trainer.param_names, {"guide": cfg.guide.name})
+            scales = scale_summary(guide)
+            if scales is not None:  # where the posterior is wide, per site (BLoB's sigma)
+                atomic_write_json(out / "scales.json", scales)
         metrics: dict[str, Any] = {}
         if evaluate_after:
-            m, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, out), task, progress=progress)
+            m, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, out), task, progress=progress and rank == 0)
             metrics = {f"{task.name}/test": m.as_dict()}
-        write_config(out, "svi", cfg, state="finished", **record)
+        if rank == 0:
+            write_config(out, "svi", cfg, state="finished", **record)
     return metrics
 
 

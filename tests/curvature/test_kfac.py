@@ -49,7 +49,8 @@ def test_sites_fed_one_input_share_its_factor_exactly(laplace_model):
     cfg = KFACConfig(n_kfac=3)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     shared = fit_kfac(model, data, cfg, progress=False, generator=gen())
-    separate = kfac_module._fit(model, data, cfg, None, False, gen(), share=False)
+    separate = kfac_module._fit(model, data, cfg, None, False, torch.rand(len(data), generator=gen(), dtype=torch.float64),
+                                share=False)
     q, v = (n for n in model.site_names if n.endswith("layers.0.self_attn.q_proj.lora_A")
             or n.endswith("layers.0.self_attn.v_proj.lora_A"))
     assert shared.factors[q][1] is shared.factors[v][1]  # decomposed once, for both
