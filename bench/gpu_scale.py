@@ -137,11 +137,7 @@ def measure(kind: str, shape: dict[str, Any], device: torch.device, dtype: torch
         "step_seconds": medians(times), "blob_over_lora_time": ratio_summary(times, "blob", "lora"),
         "peak_bytes": memory, "blob_over_lora_memory": memory["blob"] / memory["lora"],
         "kfac_seconds": kfac_times, "kfac_over_floor": kfac_times["kfac"] / kfac_times["floor"]}
-    del trainer, guide, model, kfac_model, peft, base, plain_opt
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return result  # the models go with this frame (main collects them before the next base)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -160,9 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise SystemExit("bench.gpu_scale measures a GPU; none is visible (use --smoke on the CPU)")
         device, shape, repeats = torch.device("cuda"), LLAMA_8B, args.repeats
-    results = {"device": describe(device), "shape": shape, "smoke": args.smoke,
-               "runs": [measure(kind, shape, device, torch.bfloat16, args.batch_size, args.examples, repeats)
-                        for kind in args.bases]}
+    runs = []
+    for kind in args.bases:
+        runs.append(measure(kind, shape, device, torch.bfloat16, args.batch_size, args.examples, repeats))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results = {"device": describe(device), "shape": shape, "smoke": args.smoke, "runs": runs}
     report("gpu_scale", results, args.out)
     return results
 
