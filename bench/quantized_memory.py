@@ -9,7 +9,9 @@ after loading and after training steps of a plain LoRA (MAP) and of BLoB, and th
 allocator holds during one more training step above what it held before it (torch's profiler:
 activations, gradients, transients; exact, and free of the loading's history, which the resident
 peak is not). Then, on the float32 base, the same with and without activation checkpointing at two
-sequence lengths (``--lengths``). Each configuration runs in its own process.
+sequence lengths (``--lengths``). The trained batch is ``--batch-size`` rows of exactly
+``--max-length`` tokens (ARC-Easy prompts filled up with random tokens). Each configuration runs in
+its own process.
 
     python -m bench.quantized_memory --out bench/results/quantized_memory_cpu.json
     python -m bench.quantized_memory --model tests-tiny-folder --steps 1 --out /tmp/q.json   # smoke
@@ -58,7 +60,13 @@ def child(model_name: str, kind: str, guide: str, steps: int, batch_size: int, m
     g = make_guide(guide, model, blob_eps=0.05, sigma_param="square", normal_init_scale=0.01)
     trainer = SVITrainer(model, g, OptimConfig(steps=steps + 1, batch_size=batch_size, lr=1e-4), progress=False)
     batch = data.batch(torch.arange(batch_size), model.device)
-    out["tokens"] = int(batch["attention_mask"].shape[-1])  # the batch's padded length
+    # every row exactly max_length tokens (random ids after the prompt's): memory at a known length
+    gen = torch.Generator().manual_seed(0)
+    filler = torch.randint(len(tok), (batch_size, max_length), generator=gen).to(model.device)
+    n = min(batch["input_ids"].shape[1], max_length)
+    filler[:, :n] = batch["input_ids"][:, :n]
+    batch = dict(batch, input_ids=filler, attention_mask=torch.ones_like(filler))
+    out["tokens"] = max_length
     for i in range(steps):
         trainer.step(batch, i)
     out["peak_after_training"] = _peak_bytes()

@@ -248,7 +248,9 @@ def _curvature_source(lcfg: LaplaceConfig, cfg: RunConfig, adapter_dir: Path) ->
     return source
 
 
-def load_laplace_run(run_dir: Path, *, device: str | None = None, cache: str | None = None) -> LaplaceRun:
+def load_laplace_run(run_dir: str | Path, *, device: str | None = None, cache: str | None = None) -> LaplaceRun:
+    """A finished Laplace run's model (at the MAP), guide and predictives, from its folder."""
+    run_dir = Path(run_dir)
     raw = read_config(run_dir)
     cfg = run_config_of(run_dir)
     try:
