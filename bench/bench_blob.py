@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from bench.common import (BayesianLoRAModel, answer_head, arc_batches, bench_parser, describe, interleaved, interleaved_samples,
-                    load_base, medians, peak_memory, ratio_summary, report, subprocess_peak)
+                    load_base, medians, peak_memory, plain_lora_step, ratio_summary, report, subprocess_peak)
 from pyro_llm.evaluation import predict_proba
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import MeanFieldELBO, OptimConfig, SVITrainer
@@ -58,21 +58,7 @@ def main() -> None:
 
     blob_step()  # creates the guide's parameters and B before the plain optimiser takes B
 
-    # plain peft LoRA on the same modules: A and B trainable, cross-entropy, AdamW (fused, as the
-    # Trainer of transformers uses by default with torch >= 2.8, and as SVITrainer does). Outside any
-    # Pyro handler the site module's product is a plain F.linear, as peft's nn.Linear.
-    plain_params = [s.module.weight for s in model.sites] + list(model.params.values())
-    plain_opt = torch.optim.AdamW(plain_params, lr=1e-4, fused=True)
-
-    def plain_step() -> None:
-        for s in model.sites:
-            s.module.weight.requires_grad_(True)
-        logits = head(peft, batch["input_ids"], batch["attention_mask"]).float()
-        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-        for s in model.sites:
-            s.module.weight.requires_grad_(False)
+    plain_step = plain_lora_step(model, head, batch)  # plain peft LoRA on the same modules
 
     if args.memory_of:
         step = plain_step if args.memory_of == "plain" else blob_step

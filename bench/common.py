@@ -131,6 +131,29 @@ def allocator_peak(fn: Callable[[], Any]) -> int:
     return max(m["Total Allocated"] for m in memory) - start
 
 
+def plain_lora_step(model: BayesianLoRAModel, head: Any, batch: dict[str, torch.Tensor], *, lr: float = 1e-4,
+                    fused: bool = True) -> Callable[[], None]:
+    """A plain peft LoRA training step on ``model``'s modules, as the baseline of BLoB's: ``A`` (the
+    sites) and ``B`` trainable, cross-entropy on the answer logits, AdamW (fused, as the Trainer of
+    transformers uses by default with torch >= 2.8, and as SVITrainer does). Outside any Pyro
+    handler a site module's product is a plain ``F.linear``, as peft's ``nn.Linear``. Call it after
+    the BLoB trainer's first step, which creates ``B``'s parameters."""
+    params = [s.module.weight for s in model.sites] + list(model.params.values())
+    opt = torch.optim.AdamW(params, lr=lr, fused=fused)
+
+    def step() -> None:
+        for s in model.sites:
+            s.module.weight.requires_grad_(True)
+        logits = head(model.peft_model, batch["input_ids"], batch["attention_mask"]).float()
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for s in model.sites:
+            s.module.weight.requires_grad_(False)
+
+    return step
+
+
 def load_base(model: str, device: torch.device, dtype: str):
     """The real embedded/hub model, or ``llama-1b``: a random-init Llama-1B config with the SmolLM2 tokenizer."""
     if model == "llama-1b":
@@ -217,5 +240,5 @@ def report(name: str, result: dict[str, Any], out: str | None) -> None:
 
 
 __all__ = ["BayesianLoRAModel", "LLAMA_1B", "allocator_peak", "answer_head", "arc_batches", "bench_parser", "child_output", "describe",
-           "fwd_bwd_floor", "interleaved", "interleaved_samples", "load_base", "medians",
+           "fwd_bwd_floor", "interleaved", "interleaved_samples", "load_base", "plain_lora_step", "medians",
            "median_ci", "paired_ratios", "peak_memory", "ratio_summary", "report", "subprocess_peak", "sync"]

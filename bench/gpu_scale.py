@@ -30,7 +30,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from bench.common import (BayesianLoRAModel, answer_head, arc_batches, describe, fwd_bwd_floor, interleaved,
-                          interleaved_samples, medians, peak_memory, ratio_summary, report)
+                          interleaved_samples, medians, peak_memory, plain_lora_step, ratio_summary, report)
 from pyro_llm.curvature import KFACConfig, fit_kfac
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.infer import MeanFieldELBO, OptimConfig, SVITrainer
@@ -105,19 +105,7 @@ def measure(kind: str, shape: dict[str, Any], device: torch.device, dtype: torch
         trainer.step(batch, next(counter))
 
     blob_step()  # the guide's parameters exist before the plain optimiser takes B
-    # the plain step trains what the BLoB step trains: the A matrices (sites) and B
-    lora = [s.module.weight for s in model.sites] + [p for n, p in peft.named_parameters() if "lora_B" in n]
-    plain_opt = torch.optim.AdamW(lora, lr=1e-4, fused=device.type == "cuda")
-
-    def plain_step() -> None:
-        for s in model.sites:
-            s.module.weight.requires_grad_(True)
-        logits = head(peft, batch["input_ids"], batch["attention_mask"]).float()
-        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-        for s in model.sites:
-            s.module.weight.requires_grad_(False)
+    plain_step = plain_lora_step(model, head, batch, fused=device.type == "cuda")  # A and B, as BLoB trains
 
     times = interleaved_samples({"lora": plain_step, "blob": blob_step}, repeats, device, warmup=2 if repeats > 1 else 0)
     memory = {"lora": peak_memory(plain_step, device), "blob": peak_memory(blob_step, device)}

@@ -136,8 +136,8 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @config_options("optim", OptimConfig, exclude=("g_lr", "g_optimizer", "split_kl"), defaults=QUICK["optim"])
 @config_options("eval", EvalConfig, defaults=QUICK["eval"])
 def compare_cmd(**kw: Any) -> None:
-    """A plain fine-tune (MAP) beside its Bayesian counterpart (BLoB's guide; Laplace-LoRA with
-    --methods) and temperature scaling, on the same data: the metrics side by side and one
+    """A plain fine-tune (MAP) beside its Bayesian counterparts (Laplace-LoRA around it; BLoB's guide
+    with --methods) and temperature scaling, on the same data: the metrics side by side and one
     reliability diagram. Without options: SmolLM2-135M on SST-2, minutes on a laptop's CPU."""
     from ..runs import compare
 

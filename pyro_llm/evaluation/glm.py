@@ -43,23 +43,26 @@ __all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
 GLM_MAX_TOKENS = 1024
 
 
-def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: torch.Tensor) -> list[torch.Tensor]:
-    """``d logits[:, c] / d output`` for each class ``c`` in ``classes``: tensors of shape
-    ``len(classes) x output.shape``."""
-    eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)[classes]
-    grad_outputs = eye[:, None, :].expand(len(classes), *logits.shape)
+def _class_grads(logits: torch.Tensor, outputs: list[torch.Tensor], classes: torch.Tensor,
+                 reference: int | None = None) -> list[torch.Tensor]:
+    """``d (logits[:, c] - logits[:, reference]) / d output`` for each class ``c`` in ``classes``
+    (``reference`` ``None``: the logits themselves): tensors of shape ``len(classes) x output.shape``."""
+    eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
+    rows = eye[classes] - (eye[reference] if reference is not None else 0)
+    grad_outputs = rows[:, None, :].expand(len(classes), *logits.shape)
     try:
         return list(torch.autograd.grad(logits, outputs, grad_outputs=grad_outputs, is_grads_batched=True,
                                         retain_graph=True))
     except RuntimeError:
-        per_class = [torch.autograd.grad(logits[:, int(c)].sum(), outputs, retain_graph=True) for c in classes]
+        per_class = [torch.autograd.grad((logits * r).sum(), outputs, retain_graph=True) for r in rows]
         return [torch.stack([g[i] for g in per_class]) for i in range(len(outputs))]
 
 
 def _per_class_jacobians(logits: torch.Tensor, captured: list[tuple[torch.Tensor, torch.Tensor]],
-                         active: torch.Tensor, rows_are_classes: bool) -> list[torch.Tensor]:
+                         active: torch.Tensor, rows_are_classes: bool, reference: int | None = None) -> list[torch.Tensor]:
     """Each site's per-example, per-class Jacobian matrices ``G [B, Ca, d_out, d_in]`` of the
-    ``active`` classes' logits (``captured``: each site's input and output in the forward)."""
+    ``active`` classes' logits (``captured``: each site's input and output in the forward), or of
+    their differences from class ``reference``'s logit (a head whose rows are not its classes)."""
     B, C = logits.shape
     outputs = [out for _, out in captured]
     if rows_are_classes:  # one backward: row (b, c)'s gradient is d logit[b, c] / d output, alone
@@ -73,7 +76,7 @@ def _per_class_jacobians(logits: torch.Tensor, captured: list[tuple[torch.Tensor
             jac.append(torch.einsum("bcto,bcti->bcoi", g, a))
         return jac
     jac = []
-    for (x, _), g in zip(captured, _class_grads(logits, outputs, active)):
+    for (x, _), g in zip(captured, _class_grads(logits, outputs, active, reference)):
         a = x.reshape(B, -1, x.shape[-1]).double()
         g = g.reshape(len(active), B, -1, g.shape[-1]).double()
         jac.append(torch.einsum("cbto,bti->bcoi", g, a))
@@ -82,11 +85,18 @@ def _per_class_jacobians(logits: torch.Tensor, captured: list[tuple[torch.Tensor
 
 def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
                       batch_size: int = 4, max_tokens: int | None = GLM_MAX_TOKENS,
-                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      progress: bool = True, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """MAP logits ``[N, C]`` and logit covariances ``[L, N, C, C]``, one per prior precision:
     ``prior_precisions`` is a vector of ``L`` scalars or an ``L x sites`` matrix (default: the
     guide's own). A batch holds at most ``batch_size`` rows and ``max_tokens`` padded tokens
-    (every choice of a cloze row counted; ``None``: no bound), which bounds the pass's memory."""
+    (every choice of a cloze row counted; ``None``: no bound), which bounds the pass's memory.
+
+    ``relative``: the covariances of the logits' differences from the first class a batch has
+    (``f_c - f_r``; its row and column zero), all a predictive that is unchanged by adding one
+    offset to every logit needs (:func:`probit_probs`, :func:`mc_probs`), at one backward per
+    batch fewer where every class takes its own (``C - 1`` instead of ``C``: half the Jacobian
+    work on two classes). A head whose rows are its classes returns its full covariances, which
+    those predictives read the same, at no extra cost."""
     check_int("max_tokens", max_tokens, low=1, optional=True)
     model = guide.model
     if prior_precisions is None:  # the guide's own: one row, scalar or per site
@@ -117,7 +127,12 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
                 logits = model.logits_at(batch, values)
                 # a class masked out of every row has a constant logit: zero Jacobian, no backward needed
                 active = torch.nonzero(batch["choice_mask"].any(0)).flatten()
-                jacobians = _per_class_jacobians(logits, [captured[n] for n in names], active, rows_are_classes)
+                if relative and not rows_are_classes and len(active) > 1:  # class active[0]'s difference is 0
+                    reference, active = int(active[0]), active[1:]
+                else:
+                    reference = None
+                jacobians = _per_class_jacobians(logits, [captured[n] for n in names], active, rows_are_classes,
+                                                 reference)
             B, C = logits.shape
             Ca = len(active)
             cov_a = torch.zeros(lams.shape[0], B, Ca, Ca, dtype=torch.float64, device=device)

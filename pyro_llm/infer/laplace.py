@@ -89,7 +89,7 @@ def _by_validation_nll(guide: LaplaceGuide, validation: EncodedDataset, batch_si
                        progress: bool) -> torch.Tensor:
     grid = torch.logspace(-2, 4, 25, dtype=torch.float64)
     mean, cov = glm_logit_moments(guide, validation, grid, batch_size=batch_size, max_tokens=max_tokens,
-                                  progress=progress)
+                                  progress=progress, relative=True)  # the probit reads differences only
     nll = torch.stack([-probit_probs(mean, c).gather(1, validation.labels[:, None]).clamp_min(1e-12).log().mean()
                        for c in cov])
     return grid[int(nll.argmin())]

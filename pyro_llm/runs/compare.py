@@ -4,9 +4,10 @@ Each method is a run of its own under the output folder, made by the library's o
 so every one can be evaluated, resumed or reused like any other run::
 
     OUT/map/          the MAP (Pyro's AutoDelta): the plain LoRA fine-tune with the prior as weight decay
-    OUT/blob-adam/    BLoB's guide with the MAP's recipe (the ``blob-adam`` preset)
-    OUT/laplace/      Laplace-LoRA around OUT/map (K-FAC, prior precision by validation NLL; asked
-                      for with ``methods``)
+    OUT/laplace/      Laplace-LoRA around OUT/map: K-FAC, prior precision by validation NLL, the
+                      linearised predictive (post hoc: no second training)
+    OUT/blob-adam/    BLoB's guide with the MAP's recipe (the ``blob-adam`` preset; asked for with
+                      ``methods``: a second training)
     OUT/comparison.json, OUT/comparison.md, OUT/reliability.png
 
 ``map+ts`` is the MAP with its temperature fitted on the validation split: the cheap post-hoc
@@ -42,10 +43,10 @@ QUICK: dict[str, Any] = {"task": "sst2", "model": {"name": "smollm2-135m"},
                          "eval": {"samples": 10}}
 
 #: The methods, in the order they run and print (``map+ts`` and ``laplace`` need ``map``).
-COMPARE_METHODS = ("map", "map+ts", "blob-adam", "laplace")
-#: What ``compare`` runs unless told otherwise: Laplace-LoRA (``laplace``) is left to ``--methods``,
-#: since on the first look's 87 training sentences its validation-NLL search picks the MAP itself
-DEFAULT_METHODS = ("map", "map+ts", "blob-adam")
+COMPARE_METHODS = ("map", "map+ts", "laplace", "blob-adam")
+#: What ``compare`` runs unless told otherwise: one training (the MAP) and its two post-hoc
+#: counterparts, temperature scaling and Laplace-LoRA; BLoB's guide trains a second model
+DEFAULT_METHODS = ("map", "map+ts", "laplace")
 
 
 @dataclass

@@ -82,8 +82,9 @@ class LaplaceRun:
                                  max_rows=self.config.eval.max_rows, progress=progress)
         if kind == "map":
             return predict_proba(self.model, self.guide, data, num_samples=0, progress=progress)
+        # both GLM predictives are unchanged by one offset on every logit: differences suffice
         mean, cov = glm_logit_moments(self.guide, data, batch_size=self.lconfig.batch_size,
-                                      max_tokens=self.lconfig.glm_max_tokens, progress=progress)
+                                      max_tokens=self.lconfig.glm_max_tokens, progress=progress, relative=True)
         if kind == "glm":
             return probit_probs(mean, cov[0]).float()
         gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from the seeded global generator

@@ -71,6 +71,33 @@ def test_glm_variance_equals_dense_jacobian_algebra(laplace_model):
     assert (torch.diagonal(cov[1], dim1=-2, dim2=-1) <= torch.diagonal(cov[0], dim1=-2, dim2=-1) + 1e-12).all()
 
 
+def test_relative_glm_covariances_give_the_same_predictives(laplace_model):
+    """The covariances of the logits' differences from each batch's first class (one backward
+    fewer) equal the full ones pushed through ``D = I - 1 e_r^T``, and the probit and Monte Carlo
+    predictives read them the same."""
+    from pyro_llm.evaluation.glm import mc_probs, probit_probs
+
+    model, data = laplace_model
+    guide = fit_laplace(model, data, KFACConfig(n_kfac=3), prior_precision=2.0, progress=False).guide
+    lams = torch.tensor([2.0, 50.0])
+    mean, full = glm_logit_moments(guide, data, lams, batch_size=4, progress=False)
+    mean_r, rel = glm_logit_moments(guide, data, lams, batch_size=4, progress=False, relative=True)
+    torch.testing.assert_close(mean_r, mean)
+    C = mean.shape[1]
+    assert data.choice_mask[:, 0].all()  # every question has an "A": the reference class of every batch
+    assert (rel[..., 0, :] == 0).all() and (rel[..., :, 0] == 0).all() and rel[..., 1:, 1:].abs().sum() > 0
+    D = torch.eye(C, dtype=torch.float64)
+    D[:, 0] -= 1  # f -> f - f_0 1
+    tol = dict(rtol=1e-5, atol=1e-8 * float(full.abs().max()))
+    own = data.choice_mask[:, :, None] & data.choice_mask[:, None, :]  # the classes each question has
+    torch.testing.assert_close(rel[:, own], (D @ full @ D.T)[:, own], **tol)
+    for c_full, c_rel in zip(full, rel):
+        torch.testing.assert_close(probit_probs(mean, c_rel), probit_probs(mean, c_full), rtol=1e-5, atol=1e-7)
+        a = mc_probs(mean, c_full, 200, torch.Generator().manual_seed(0))
+        b = mc_probs(mean, c_rel, 200, torch.Generator().manual_seed(0))
+        assert (a - b).abs().max() < 0.05  # two Cholesky factors, the same distribution of differences
+
+
 def test_guide_samples_have_the_analytic_covariance():
     gen = torch.Generator().manual_seed(0)
     S = EigenFactor.from_matrix(torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64))

@@ -60,9 +60,12 @@ def test_presets_list_only_differences_from_the_defaults():
                 assert defaults[section][key] != value, f"preset {name} restates the default {section}.{key}"
 
 
-def test_compare_runs_its_default_methods_without_laplace(tiny_sst2, tmp_path):
+def test_compare_runs_its_default_methods_one_training(tiny_sst2, tmp_path):
+    """By default one model is trained (the MAP); its counterparts are post hoc (TS, Laplace)."""
     res = CliRunner().invoke(cli, ["compare", "--model", str(tiny_sst2), "--steps", "2", "--eval-samples", "2",
                                    "--test-limit", "8", "--device", "cpu", "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert sorted(json.loads((tmp_path / "c" / "comparison.json").read_text())) == sorted(DEFAULT_METHODS)
-    assert not (tmp_path / "c" / "laplace").exists()
+    assert set(DEFAULT_METHODS) == {"map", "map+ts", "laplace"}
+    assert (tmp_path / "c" / "laplace" / "laplace" / "guide.safetensors").is_file()
+    assert not (tmp_path / "c" / "blob-adam").exists()
