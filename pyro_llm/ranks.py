@@ -34,11 +34,11 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[rank::size])
 
 
-def _device(like: torch.Tensor) -> torch.device:
+def _device() -> torch.device:
     """Where the process group's backend reduces: the current GPU for NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if like.device.type != "cpu" else like.device
+    return torch.device("cpu")
 
 
 def _reduce(tensors: list[torch.Tensor], op: dist.ReduceOp) -> list[torch.Tensor]:
@@ -47,7 +47,7 @@ def _reduce(tensors: list[torch.Tensor], op: dist.ReduceOp) -> list[torch.Tensor
     dtype = tensors[0].dtype
     if any(t.dtype != dtype for t in tensors):
         raise TypeError("tensors reduced in one bucket must share a dtype")
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(_device(tensors[0]))
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(_device())
     dist.all_reduce(flat, op=op)
     out, start = [], 0
     for t in tensors:

@@ -2,6 +2,7 @@
 ``torchrun`` (each rank its share): ``python ranks_worker.py TINY_LLAMA OUT.safetensors``.
 Rank 0 writes every result; ``tests/test_distributed.py`` compares the two."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pyro_llm.guides import LaplaceGuide  # noqa: E402
 
 
 def main(tiny: str, out: str) -> None:
-    if "WORLD_SIZE" in __import__("os").environ:
+    if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
     model, data = laplace_model_of(tiny)  # 12 examples: 3 batches of 4, unevenly shared by 2 ranks

@@ -24,6 +24,11 @@ from .options import config_options, nested_values, param_name
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 
+def _another_rank() -> bool:
+    """Whether this process is a rank other than 0 of a torchrun job: rank 0 alone reports."""
+    return int(os.environ.get("RANK", "0")) > 0
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or repr(err)
     return f"{type(err).__name__}: {text[:600]}{'...' if len(text) > 600 else ''}"
@@ -117,7 +122,7 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted; {kw['out']} keeps its last checkpoint: continue with the same "
                                    "command and --resume") from None
-    if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: rank 0 reports
+    if _another_rank():
         return
     _print_metrics(metrics)
     click.echo(f"run saved to {kw['out']}")
@@ -167,7 +172,7 @@ def laplace_cmd(**kw: Any) -> None:
     lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=KFACConfig(**values.pop("kfac")), **values.pop("laplace"))
     cfg = RunConfig.from_dict({"task": kw["task"], **values})
     result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
-    if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: rank 0 reports
+    if _another_rank():
         return
     _print_metrics({k: v for k, v in result.items() if isinstance(v, dict)})
     click.echo(f"log marginal likelihood {result['log_marginal_likelihood']:.2f}, "

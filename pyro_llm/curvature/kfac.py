@@ -282,12 +282,13 @@ def _sampled_labels(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
 
 
-def _unique_accumulators(hooks: list[_SiteHooks]) -> list[FactorAccumulator]:
-    seen: dict[int, FactorAccumulator] = {}
+def _unique_requests(hooks: list[_SiteHooks]) -> dict[int, tuple[FactorAccumulator, float, int | None]]:
+    """Each accumulator's decomposition request once, however many sites share it (by ``id``)."""
+    unique: dict[int, tuple[FactorAccumulator, float, int | None]] = {}
     for h in hooks:
-        for acc in (h.S, h.A):
-            seen.setdefault(id(acc), acc)
-    return list(seen.values())
+        for req in h.requests():
+            unique.setdefault(id(req[0]), req)
+    return unique
 
 
 def _sum_across_ranks(hooks: list[_SiteHooks], loglik: torch.Tensor, changed: bool) -> torch.Tensor:
@@ -297,7 +298,7 @@ def _sum_across_ranks(hooks: list[_SiteHooks], loglik: torch.Tensor, changed: bo
     rank, size = ranks.world()
     if size == 1:
         return loglik
-    accs = _unique_accumulators(hooks)
+    accs = [acc for acc, _, _ in _unique_requests(hooks).values()]
     numel = 2 + len(accs) + sum(a.dim * (a.dim + 1) // 2 if a.dense else size * a.dim * a.rank for a in accs)
     flags = ranks.max_across([torch.tensor([float(changed), numel, -numel], dtype=torch.float64)])[0]
     if flags[0] > 0:
@@ -382,10 +383,7 @@ def _fit(model: BayesianLoRAModel, data: EncodedDataset, config: KFACConfig, val
             h.handle.remove()
     loglik = _sum_across_ranks(hooks, loglik, changed)
     # one decomposition per factor, however many sites share it, all at the end
-    unique: dict[int, tuple[FactorAccumulator, float, int | None]] = {}
-    for h in hooks:
-        for req in h.requests():
-            unique.setdefault(id(req[0]), req)
+    unique = _unique_requests(hooks)  # after the sum over ranks: the input factors' means use the total counts
     found = dict(zip(unique, decompose(list(unique.values()))))
     total = float(loglik)  # the fit's one host sync besides the decomposition's check
     if not math.isfinite(total):
