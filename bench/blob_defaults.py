@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.study import CONFIGS, run_config
 from pyro_llm.io import atomic_write_json
-from pyro_llm.runs import PriorConfig, RunConfig, train
+from pyro_llm.runs import PriorConfig, SVIConfig, train
 
 #: variant name -> (guide, change applied to the study cell's configuration)
 VARIANTS: dict[str, tuple[str, Any]] = {
@@ -44,7 +44,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.variants:
         guide, change = VARIANTS[name]
-        cfg: RunConfig = change(run_config(c, "sst2", args.seed, guide=guide))
+        cfg: SVIConfig = change(run_config(c, "sst2", args.seed, guide=guide))
         run_dir = Path(args.runs_dir) / name.replace(" ", "-")
         t0 = time.perf_counter()
         metrics = train(cfg, run_dir, overwrite=True, progress=False)["sst2/test"]

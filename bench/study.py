@@ -46,7 +46,7 @@ from pyro_llm.evaluation import compute_metrics, paired_bootstrap, plot_reliabil
 from pyro_llm.infer import OptimConfig
 from pyro_llm.io import atomic_write_json
 from pyro_llm.models import LoRAOptions
-from pyro_llm.runs import (DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, RunConfig, evaluate,
+from pyro_llm.runs import (DataConfig, EvalConfig, GuideConfig, LaplaceRunConfig, ModelConfig, SVIConfig, evaluate,
                            evaluate_ensemble, laplace, load_predictions, train)
 
 IN_DIST = ["arc-easy", "openbookqa", "boolq", "winogrande"]
@@ -95,8 +95,8 @@ METHODS = ["map", "map+ts", "mc-dropout", "ensemble", "blob", "blob-mean", "blob
 PLOTTED = ["map", "map+ts", "blob", "laplace-marglik"]
 
 
-def run_config(c: dict[str, Any], task: str, seed: int, guide: str = "map", lora_dropout: float = 0.0) -> RunConfig:
-    return RunConfig(task=task, model=ModelConfig(c["model"], device=c["device"], dtype=c["dtype"]),
+def run_config(c: dict[str, Any], task: str, seed: int, guide: str = "map", lora_dropout: float = 0.0) -> SVIConfig:
+    return SVIConfig(task=task, model=ModelConfig(c["model"], device=c["device"], dtype=c["dtype"]),
                      data=DataConfig(c["train_limit"], c["test_limit"], c["max_length"],
                                      split_fractions=c["fractions"].get(task)),
                      eval=EvalConfig(samples=c["eval_samples"]), guide=GuideConfig(guide),
@@ -158,9 +158,9 @@ def _cells(c: dict[str, Any], task: str, seed: int, base: Path,
         d = base / name
         if train_missing and not (d / "metrics.json").is_file():
             t0 = time.perf_counter()
-            laplace(run_config(c, task, seed), LaplaceConfig(adapter=str(runs["map"]), prior_precision=method,
-                                                             curvature_from=curvature), d,
-                    overwrite=True, progress=False)
+            laplace(LaplaceRunConfig.like(run_config(c, task, seed), seed=seed,
+                                          laplace={"adapter": str(runs["map"]), "prior_precision": method,
+                                                   "curvature_from": curvature}), d, overwrite=True, progress=False)
             _log(f"{d}: fitted and evaluated in {time.perf_counter() - t0:.0f} s")
         runs[name] = d
     ts = {"temperature": "validation", "validation_limit": c["val_limit"]}

@@ -40,7 +40,7 @@ import torch
 from pyro_llm.evaluation import compute_metrics, predict_proba
 from pyro_llm.infer import search_scale
 from pyro_llm.io import atomic_write_json
-from pyro_llm.runs import RunConfig, evaluate, load_run, load_split, preset_config, record_metrics, train
+from pyro_llm.runs import SVIConfig, evaluate, load_run, load_split, preset_config, record_metrics, train
 
 from .study import CONFIGS, _differences, _fmt, _log, _scored, run_config
 
@@ -68,15 +68,15 @@ def _testbed(seed: int, **sections: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _variant(seed: int, **sections: dict[str, Any]) -> RunConfig:
+def _variant(seed: int, **sections: dict[str, Any]) -> SVIConfig:
     """The MAP's recipe (guide, optimiser, objective) with ``sections`` changed."""
     cfg = run_config(TESTBED, TASK, seed).to_dict()
     for name, values in sections.items():
         cfg[name] = {**cfg[name], **values}
-    return RunConfig.from_dict(cfg)
+    return SVIConfig.from_dict(cfg)
 
 
-def configs(seed: int) -> dict[str, RunConfig]:
+def configs(seed: int) -> dict[str, SVIConfig]:
     """Every run of one seed, by run name."""
     out = {"map": run_config(TESTBED, TASK, seed, guide="map"),
            "blob-ref": preset_config("blob", task=TASK, **_testbed(
@@ -120,7 +120,7 @@ def _scale_search(map_dir: Path) -> None:
     _log(f"{map_dir}: scale search chose {found.scale:g} in {seconds:.0f} s")
 
 
-def _train(cfg: RunConfig, run_dir: Path) -> None:
+def _train(cfg: SVIConfig, run_dir: Path) -> None:
     if (run_dir / "metrics.json").is_file():
         return
     resume = (run_dir / "config.json").is_file()

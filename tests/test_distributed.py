@@ -84,7 +84,7 @@ def test_laplace_run_under_torchrun_equals_one_process(tiny_llama, tmp_path):
                              text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
     args = ["-m", "pyro_llm.cli.main", "laplace", "--adapter", str(tmp_path / "map"), "--prior-precision", "val-nll",
-            "--batch-size", "2", "--device", "cpu"]
+            "--kfac-batch-size", "2", "--eval-batch-size", "2", "--device", "cpu"]
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]

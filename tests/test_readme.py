@@ -73,5 +73,6 @@ def test_the_documentation_builds_strictly(tmp_path):
                           "-d", str(tmp_path / "site")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("BayesianLoRAModel", "BLoBGuide", "fit_laplace", "SVITrainer", "RunConfig", "OptimConfig"):
+    for name in ("BayesianLoRAModel", "BLoBGuide", "fit_laplace", "SVITrainer", "SVIConfig", "LaplaceRunConfig",
+                 "ZeroShotConfig", "OptimConfig"):
         assert name in api, name

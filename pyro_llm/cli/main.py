@@ -15,11 +15,11 @@ from .. import __version__
 from ..curvature import KFACConfig
 from ..infer.svi import OptimConfig
 from ..models import LoRAOptions
-from ..runs.config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig, ModelConfig, ObjectiveConfig,
-                           PriorConfig, RunConfig)
+from ..runs.config import (PRESETS, DataConfig, EvalConfig, GuideConfig, LaplaceConfig,
+                           LaplaceRunConfig, ModelConfig, ObjectiveConfig, PriorConfig, SVIConfig, ZeroShotConfig)
 from ..runs.registry import PREDICTIVES
 from ..runs.compare import COMPARE_METHODS, DEFAULT_METHODS, QUICK
-from .options import config_options, nested_values, param_name
+from .options import config_options, config_values, param_name
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -76,8 +76,9 @@ def _model_options(fn: Any, recipe: dict[str, Any] | None = None) -> Any:
     recipe = recipe or {}
     fn = click.option("--cache-dir", default=None, help="Model cache (default ~/.cache/pyro-llm or $PYRO_LLM_CACHE).")(fn)
     fn = config_options("data", DataConfig, defaults=recipe.get("data"))(fn)
-    fn = config_options("model", ModelConfig, exclude=("b_site",), defaults=recipe.get("model"))(fn)
-    return config_options("", RunConfig, only=("task",), defaults={"task": recipe["task"]} if "task" in recipe else None)(fn)
+    fn = config_options("model", ModelConfig, defaults=recipe.get("model"))(fn)
+    return config_options("", SVIConfig, only=("task",), defaults={"task": recipe["task"]} if "task" in recipe
+                          else None)(fn)
 
 
 def _run_folder_options(fn: Any) -> Any:
@@ -97,7 +98,7 @@ def _explicit(ctx: click.Context) -> set[str]:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="A named recipe (blob: the BLoB reference's; blob-adam: BLoB calibrated within a MAP's "
                    "budget); explicitly given options override it.")
-@config_options("model", ModelConfig, only=("b_site",))
+@config_options("", SVIConfig, only=("b_site",))
 @config_options("guide", GuideConfig)
 @config_options("prior", PriorConfig)
 @config_options("lora", LoRAOptions)
@@ -111,12 +112,12 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
     from ..runs import train
 
     explicit = _explicit(ctx)
-    values = {"task": kw["task"], **nested_values(kw)}
+    values = config_values(SVIConfig, kw)
     for section, entries in PRESETS.get(kw["preset"] or "", {}).items():
         for name, value in entries.items():
             if param_name(section, name) not in explicit:
                 values[section][name] = value
-    cfg = RunConfig.from_dict(values)
+    cfg = SVIConfig.from_dict(values)
     try:
         metrics = train(cfg, kw["out"], overwrite=kw["overwrite"], resume=kw["resume"], cache=kw["cache_dir"])
     except KeyboardInterrupt:
@@ -146,7 +147,7 @@ def compare_cmd(**kw: Any) -> None:
     reliability diagram. Without options: SmolLM2-135M on SST-2, minutes on a laptop's CPU."""
     from ..runs import compare
 
-    cfg = RunConfig.from_dict({"task": kw["task"], **nested_values(kw)})
+    cfg = SVIConfig.from_dict(config_values(SVIConfig, kw))
     methods = tuple(m.strip() for m in kw["methods"].split(",") if m.strip())
     result = compare(cfg, kw["out"], methods, overwrite=kw["overwrite"], cache=kw["cache_dir"],
                      log=lambda line: click.echo(line, err=True))
@@ -162,16 +163,15 @@ def compare_cmd(**kw: Any) -> None:
 @_run_folder_options
 @config_options("laplace", LaplaceConfig)
 @config_options("kfac", KFACConfig)
-@config_options("eval", EvalConfig, only=("samples", "ece_bins"))
-@config_options("optim", OptimConfig, only=("seed",))
+@config_options("eval", EvalConfig, exclude=("flipout",))
+@config_options("", LaplaceRunConfig, only=("seed",))
 def laplace_cmd(**kw: Any) -> None:
     """Fit a post-hoc Laplace posterior (low-rank K-FAC) to a LoRA adapter, tune its prior, evaluate."""
     from ..runs import laplace
 
-    values = nested_values(kw)
-    lcfg = LaplaceConfig(adapter=kw["adapter"], kfac=KFACConfig(**values.pop("kfac")), **values.pop("laplace"))
-    cfg = RunConfig.from_dict({"task": kw["task"], **values})
-    result = laplace(cfg, lcfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
+    values = config_values(LaplaceRunConfig, kw)
+    values["laplace"] = {**values["laplace"], "adapter": kw["adapter"], "kfac": values.pop("kfac")}
+    result = laplace(LaplaceRunConfig.from_dict(values), kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"])
     if _another_rank():
         return
     _print_metrics({k: v for k, v in result.items() if isinstance(v, dict)})
@@ -183,11 +183,12 @@ def laplace_cmd(**kw: Any) -> None:
 @cli.command("zero-shot", context_settings=CONTEXT)
 @_model_options
 @_run_folder_options
+@config_options("eval", EvalConfig, only=("batch_size", "ece_bins"))
 def zero_shot_cmd(**kw: Any) -> None:
     """Evaluate the base model without any adapter (the fine-tuning baseline)."""
     from ..runs import zero_shot
 
-    cfg = RunConfig.from_dict({"task": kw["task"], **nested_values(kw)})
+    cfg = ZeroShotConfig.from_dict(config_values(ZeroShotConfig, kw))
     _print_metrics(zero_shot(cfg, kw["out"], overwrite=kw["overwrite"], cache=kw["cache_dir"]))
 
 

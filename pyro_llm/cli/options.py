@@ -12,7 +12,7 @@ import click
 
 from ..options import option_meta
 
-__all__ = ["config_options", "nested_values", "param_name"]
+__all__ = ["config_options", "config_values", "nested_values", "param_name"]
 
 SEP = "__"
 
@@ -105,3 +105,10 @@ def nested_values(values: dict[str, Any]) -> dict[str, Any]:
         if sep:
             out.setdefault(section, {})[name] = value
     return out
+
+
+def config_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The values of a command's parameters that belong to configuration ``cls``: its top-level
+    fields by their own names, its sections' fields nested (:func:`nested_values`)."""
+    top = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+    return {**top, **nested_values(values)}

@@ -58,7 +58,7 @@ class KFACConfig:
                        choices=("reduce", "expand"), flag="--kfac-mode")
     n_kfac: int = option(10, "Rank kept of the large K-FAC factor of each LoRA matrix.")
     dense_threshold: int = option(4096, "Factors larger than this are streamed at low rank (0: every factor).")
-    batch_size: int = option(4, "Examples per K-FAC and GLM pass.")
+    batch_size: int = option(4, "Examples per batch of the K-FAC pass.", flag="--kfac-batch-size")
 
     def __post_init__(self) -> None:
         if self.fisher not in ("mc", "empirical"):

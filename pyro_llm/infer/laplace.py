@@ -145,8 +145,8 @@ def _check_extent(model: BayesianLoRAModel, a_only: bool | None) -> None:
 def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACConfig = KFACConfig(), *,
                 guide: Any = None, prior_precision: str | float | None = "marglik", layerwise: bool = False,
                 validation: EncodedDataset | None = None, glm_max_tokens: int | None = GLM_MAX_TOKENS,
-                progress: bool = True, generator: torch.Generator | None = None,
-                a_only: bool | None = None) -> LaplaceFit:
+                glm_batch_size: int | None = None, progress: bool = True,
+                generator: torch.Generator | None = None, a_only: bool | None = None) -> LaplaceFit:
     """K-FAC Laplace around the MAP (module docstring).
 
     :param guide: the trained point guide (``AutoDelta``, or any guide with ``median``); its
@@ -157,6 +157,7 @@ def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACCon
     :param validation: the validation set of ``"val-nll"``.
     :param glm_max_tokens: bound on the padded tokens of one batch of the validation set's GLM
         pass (``"val-nll"``; see :func:`~pyro_llm.evaluation.glm.glm_logit_moments`).
+    :param glm_batch_size: examples per batch of that pass (default: the K-FAC pass's).
     :param a_only: the posterior covers the model's sites, so its extent is the model's: ``A`` and
         ``B`` for a model built with ``b_site=True`` (``pyro-llm laplace``'s default, the paper's),
         ``A`` alone for one whose ``B`` are parameters (``build_model``'s default, an SVI model).
@@ -177,7 +178,8 @@ def fit_laplace(model: BayesianLoRAModel, train: EncodedDataset, config: KFACCon
     factors = fit_kfac(model, train, config, progress=progress, generator=generator)
     fitted = LaplaceGuide(model, blocks_from_factors(model, factors), 1.0)
     lml = tune_prior_precision(fitted, prior_precision, log_likelihood=factors.log_likelihood, layerwise=layerwise,
-                               validation=validation, batch_size=config.batch_size, max_tokens=glm_max_tokens,
+                               validation=validation, batch_size=glm_batch_size or config.batch_size,
+                               max_tokens=glm_max_tokens,
                                progress=progress)
     return LaplaceFit(fitted, factors, lml)
 

@@ -4,7 +4,8 @@ splits, recording an evaluation, joining a process group.
 Run directory layout::
 
     RUN_DIR/
-      config.json                 the resolved RunConfig (plus "kind": "svi" or "laplace")
+      config.json                 {"kind": "svi" | "laplace" | "zero-shot", "state": ..., "run": the kind's
+                                  resolved configuration (.config.CONFIG_KINDS)}
       adapter/                    peft adapter of the posterior mean / MAP
                                   (adapter_config.json + adapter_model.safetensors; PeftModel loads it)
       guide.safetensors           every pyro.param of model and guide (unconstrained values)
@@ -35,7 +36,8 @@ from ..data import CLASSIFICATION, EncodedDataset, TaskSpec, encode_examples, ge
 from ..evaluation import Metrics, compute_metrics, plot_reliability
 from ..io import CorruptFileError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from ..models import BayesianLoRAModel, build_model, head_for, resolve_device
-from .config import RunConfig
+from .compat import run_section
+from .config import CONFIG_KINDS, BaseRunConfig
 
 __all__ = ["LoadedRun", "build_for", "evaluation_limit", "load_predictions", "load_split", "process_group",
            "model_name_for", "read_config", "rebuild", "record_metrics", "recorded_predictions", "retarget_head",
@@ -46,40 +48,29 @@ from .lock import RunLock
 log = logging.getLogger(__name__)
 
 
-#: The sections of :class:`RunConfig` that describe each kind of run (a Laplace run trains no guide,
-#: a zero-shot run has no adapter): ``config.json`` records these and nothing else.
-RECORDED_SECTIONS: dict[str, tuple[str, ...]] = {
-    "svi": ("task", "model", "data", "lora", "prior", "guide", "objective", "optim", "eval"),
-    "laplace": ("task", "model", "data", "lora", "prior", "optim", "eval"),
-    "zero-shot": ("task", "model", "data", "optim", "eval")}
+def write_config(run_dir: Path, cfg: BaseRunConfig, *, state: str, **extra: Any) -> None:
+    """``config.json``: the run's kind, its configuration (the kind's own fields, nothing else), and
+    whether it is still running (a run stopped before its first checkpoint is started afresh by its
+    rerun, see :mod:`.folder`)."""
+    atomic_write_json(run_dir / "config.json", {"kind": cfg.KIND, "state": state, "run": cfg.to_dict(), **extra})
 
 
-def write_config(run_dir: Path, kind: str, cfg: RunConfig, *, state: str, **extra: Any) -> None:
-    """``config.json``: the run's kind, the sections of its configuration that describe it
-    (:data:`RECORDED_SECTIONS`; a run that trains nothing records its seed alone of the optimiser's
-    fields), and whether it is still running (a run stopped before its first checkpoint is started
-    afresh by its rerun, see :mod:`.folder`)."""
-    full = cfg.to_dict()
-    run = {name: full[name] for name in RECORDED_SECTIONS[kind]}
-    if kind != "svi":
-        run["optim"] = {"seed": cfg.optim.seed}
-    atomic_write_json(run_dir / "config.json", {"kind": kind, "state": state, "run": run, **extra})
-
-
-def model_name_for(cfg: RunConfig, task: TaskSpec) -> str:
+def model_name_for(cfg: BaseRunConfig, task: TaskSpec) -> str:
     return cfg.model.name or task.default_model
 
 
-def build_for(cfg: RunConfig, task: TaskSpec, dataset_size: int | None, cache: str | None,
+def build_for(cfg: BaseRunConfig, task: TaskSpec, dataset_size: int | None, cache: str | None,
               adapter_dir: Path | None = None) -> tuple[BayesianLoRAModel, Any]:
+    """The model and tokenizer ``cfg`` describes (its kind says which LoRA, prior and sites)."""
     m = cfg.model
-    return build_model(model_name_for(cfg, task), task, lora=cfg.lora, prior=cfg.prior.build(), b_site=m.b_site,
+    lora, prior, b_site = cfg.model_parts()
+    return build_model(model_name_for(cfg, task), task, lora=lora, prior=prior, b_site=b_site,
                        dataset_size=dataset_size, device=resolve_device(m.device), dtype=m.dtype, cache=cache,
-                       seed=cfg.optim.seed, adapter_dir=adapter_dir, attn_implementation=m.attn_implementation,
+                       seed=cfg.seed, adapter_dir=adapter_dir, attn_implementation=m.attn_implementation,
                        quantize=m.quantize, gradient_checkpointing=m.gradient_checkpointing)
 
 
-def load_split(cfg: RunConfig, task: TaskSpec, split: str, tokenizer: Any, limit: int | None) -> EncodedDataset:
+def load_split(cfg: BaseRunConfig, task: TaskSpec, split: str, tokenizer: Any, limit: int | None) -> EncodedDataset:
     examples = load_examples(task, split, limit=limit, split_seed=cfg.data.split_seed,
                              fractions=cfg.data.split_fractions)
     if not examples:
@@ -104,7 +95,7 @@ def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tenso
 
 
 @contextlib.contextmanager
-def process_group(cfg: RunConfig) -> Iterator[int]:
+def process_group(cfg: BaseRunConfig) -> Iterator[int]:
     """Join the process group when launched by ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1):
     NCCL with one GPU per local rank, or gloo on CPU. Yields this process's rank (0 when alone).
 
@@ -134,7 +125,7 @@ class LoadedRun:
     model: BayesianLoRAModel
     guide: Any
     tokenizer: Any
-    config: RunConfig
+    config: BaseRunConfig
     task: TaskSpec
     run_dir: Path
 
@@ -149,15 +140,21 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return raw
 
 
-def run_config_of(run_dir: Path) -> RunConfig:
-    """The :class:`RunConfig` saved in a run folder; an invalid one is an error naming the file."""
+def run_config_of(run_dir: Path) -> Any:
+    """The configuration saved in a run folder, of its kind's class (:data:`.config.CONFIG_KINDS`);
+    an invalid one is an error naming the file."""
+    raw = read_config(run_dir)
+    kind = raw.get("kind", "svi")
+    if kind not in CONFIG_KINDS:
+        raise CorruptFileError(f"{run_dir}/config.json names the run kind {kind!r}; expected one of "
+                               f"{', '.join(CONFIG_KINDS)}")
     try:
-        return RunConfig.from_dict(read_config(run_dir)["run"])
+        return CONFIG_KINDS[kind].from_dict(run_section(raw))
     except (TypeError, ValueError) as err:
         raise CorruptFileError(f"run configuration {run_dir / 'config.json'} is invalid: {err}") from err
 
 
-def rebuild(run_dir: Path, device: str | None, cache: str | None) -> tuple[RunConfig, TaskSpec, BayesianLoRAModel, Any]:
+def rebuild(run_dir: Path, device: str | None, cache: str | None) -> tuple[Any, TaskSpec, BayesianLoRAModel, Any]:
     """A saved run's configuration (its device replaced by ``device``), task, and freshly built model
     and tokenizer, with an empty parameter store."""
     cfg = run_config_of(run_dir)
@@ -190,7 +187,7 @@ def load_predictions(run_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tenso
     return saved["probs"], saved["labels"]
 
 
-def evaluation_limit(cfg: RunConfig, limit: int | None) -> int | None:
+def evaluation_limit(cfg: BaseRunConfig, limit: int | None) -> int | None:
     """The examples an evaluation reads: ``limit``, or the run's test limit when none is given."""
     return limit if limit is not None else cfg.data.test_limit
 

@@ -27,7 +27,7 @@ from ..data import get_task
 from ..evaluation import Metrics, compute_metrics, plot_reliability
 from ..io import atomic_write_json, atomic_write_text
 from .common import load_predictions, read_config, run_config_of
-from .config import LaplaceConfig, RunConfig, preset_config
+from .config import LaplaceRunConfig, SVIConfig, preset_config
 from .laplace import laplace
 from .load import evaluate
 from .svi import train
@@ -80,7 +80,7 @@ def _reuse_or_run(run_dir: Path, wanted: dict[str, Any] | None, overwrite: bool,
     make(overwrite)
 
 
-def compare(cfg: RunConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_METHODS, *, overwrite: bool = False,
+def compare(cfg: SVIConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_METHODS, *, overwrite: bool = False,
             progress: bool = True, cache: str | None = None, log: Callable[[str], None] = print) -> Comparison:
     """Train and evaluate ``methods`` (:data:`COMPARE_METHODS`) with ``cfg``'s task, model, data,
     steps and seed, each in its own run folder under ``out``; write the table and one reliability
@@ -107,7 +107,7 @@ def compare(cfg: RunConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_
     for method in methods:
         run_dir = out / method.replace("+ts", "")
         if method == "map":
-            map_cfg = RunConfig.from_dict({**base, "guide": {"name": "map"}})
+            map_cfg = SVIConfig.from_dict({**base, "guide": {"name": "map"}})
             _reuse_or_run(run_dir, map_cfg.to_dict(), overwrite,
                           lambda ow: train(map_cfg, run_dir, overwrite=ow, progress=progress, cache=cache))
             record(method, run_dir, key)
@@ -122,10 +122,10 @@ def compare(cfg: RunConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_
                           lambda ow: train(bayes_cfg, run_dir, overwrite=ow, progress=progress, cache=cache))
             record(method, run_dir, key)
         else:  # laplace around the MAP
-            lcfg = LaplaceConfig(adapter=str(out / "map"), prior_precision="val-nll")
+            lcfg = LaplaceRunConfig.like(cfg, seed=cfg.seed,
+                                         laplace={"adapter": str(out / "map"), "prior_precision": "val-nll"})
             _reuse_or_run(run_dir, None, overwrite,
-                          lambda ow: laplace(RunConfig.from_dict(base), lcfg, run_dir, overwrite=ow, progress=progress,
-                                             cache=cache))
+                          lambda ow: laplace(lcfg, run_dir, overwrite=ow, progress=progress, cache=cache))
             record(method, run_dir, key)
     comparison = Comparison(results, out, out / "reliability.png")
     plot_reliability(curves, comparison.diagram, n_bins=cfg.eval.ece_bins,

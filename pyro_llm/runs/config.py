@@ -1,17 +1,20 @@
-"""The resolved configuration of a run, saved as ``config.json`` beside its weights: an SVI run's
-:class:`RunConfig` (sections for the model, data, LoRA (the library's own
-:class:`~pyro_llm.models.LoRAOptions`), prior, guide, objective, optimiser
-(:class:`~pyro_llm.infer.OptimConfig`) and evaluation) and a Laplace run's :class:`LaplaceConfig`
-(with the K-FAC pass's :class:`~pyro_llm.curvature.KFACConfig` nested). The command line builds
-these objects and takes its defaults from them; the Python API gets the same checks.
-Names (guide, prior, ELBO, KL schedule, predictive) are checked against :mod:`.registry`."""
+"""The resolved configuration of a run, one class per run kind, saved as ``config.json`` beside
+its results: every kind shares the task and the model, data and evaluation sections
+(:class:`BaseRunConfig`); an SVI run (:class:`SVIConfig`) adds the LoRA (the library's own
+:class:`~pyro_llm.models.LoRAOptions`), prior, guide, objective and optimiser
+(:class:`~pyro_llm.infer.OptimConfig`) sections, a Laplace run (:class:`LaplaceRunConfig`) the
+adapter's LoRA and prior and its :class:`LaplaceConfig` (with the K-FAC pass's
+:class:`~pyro_llm.curvature.KFACConfig` nested), a zero-shot run (:class:`ZeroShotConfig`)
+nothing. Each field carries its default and help (:func:`pyro_llm.options.option`): the command
+line generates its options from them, and the Python API gets the same checks. Names (guide,
+prior, ELBO, KL schedule, predictive) are checked against :mod:`.registry`."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from ..checks import MAX_SEED, check_bool, check_choice, check_int, check_real
 from ..guides.blob import BLOB_EPS
@@ -27,8 +30,9 @@ from ..priors import DEFAULT_PRIOR_STD, Prior
 from .compat import upgrade_laplace_dict, upgrade_run_dict
 from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, KLScheduleArgs, lookup, make_guide, names
 
-__all__ = ["DataConfig", "EvalConfig", "GuideConfig", "LaplaceConfig", "ModelConfig", "ObjectiveConfig", "PRESETS",
-           "PriorConfig", "RunConfig", "preset_config"]
+__all__ = ["BaseRunConfig", "CONFIG_KINDS", "DataConfig", "EvalConfig", "GuideConfig", "LaplaceConfig",
+           "LaplaceRunConfig", "ModelConfig", "ObjectiveConfig", "PRESETS", "PriorConfig", "SVIConfig", "ZeroShotConfig",
+           "preset_config"]
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -50,7 +54,6 @@ class ModelConfig:
     attn_implementation: str | None = option(None, "Attention kernel (default: transformers' choice; eager allows "
                                                    "double backward, e.g. Pyro's AutoLaplaceApproximation).",
                                              choices=("eager", "sdpa"))
-    b_site: bool = option(False, "Make B a sample site too (default: a parameter).", flag="--b-site/--b-param")
     quantize: str | None = option(None, "Quantize the base model's linear layers with bitsandbytes (int8: LLM.int8; "
                                         "nf4: 4-bit NormalFloat); LoRA and guides stay float32.",
                                   choices=QUANTIZE_KINDS)
@@ -65,7 +68,6 @@ class ModelConfig:
             raise ValueError(f"model must be a model name, folder or hub id, got {self.name!r}")
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("attn_implementation", self.attn_implementation, (None, "eager", "sdpa"))
-        check_bool("b_site", self.b_site)
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 
@@ -193,24 +195,25 @@ class EvalConfig:
         check_int("ece_bins", self.ece_bins, low=1)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoRAOptions, "prior": PriorConfig,
-                              "guide": GuideConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
-                              "eval": EvalConfig}
+class BaseRunConfig:
+    """What every kind of run shares: the task, the base model, the data and the evaluation. Each
+    kind (:class:`SVIConfig`, :class:`LaplaceRunConfig`, :class:`ZeroShotConfig`) adds its own
+    sections and records exactly its fields in ``config.json`` (``KIND`` names it there); each
+    section checks its own values, so a bad value is refused before anything runs.
 
-@dataclass
-class RunConfig:
-    """Everything needed to rebuild a run's model and guide and to repeat its training, one section
-    per concern; each section checks its own values, so a bad value is refused before anything runs."""
+    Subclasses are dataclasses whose section fields are typed by their section classes
+    (:attr:`SECTIONS`): a section given as a mapping (``from_dict``, the command line) is built and
+    checked here."""
 
-    task: str = option("arc-easy", "Task name (see `pyro-llm tasks`) or a .jsonl/.csv file.")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoRAOptions = field(default_factory=LoRAOptions)
-    prior: PriorConfig = field(default_factory=PriorConfig)
-    guide: GuideConfig = field(default_factory=GuideConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    KIND: ClassVar[str] = ""
+    #: section name -> its class, for every section field of this kind
+    SECTIONS: ClassVar[dict[str, type]] = {}
+
+    task: str
+    model: ModelConfig
+    data: DataConfig
+    eval: EvalConfig
+    seed: int  # the seed of the run's random draws (a field or a property of each kind)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -219,30 +222,96 @@ class RunConfig:
             from ..data import get_task
 
             get_task(self.task)  # an unknown name is refused here, not at train()
-        for name, cls in _SECTIONS.items():
+        for name, cls in self.SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _section(cls, name, value))
             elif not isinstance(value, cls):
-                raise TypeError(f"RunConfig.{name} must be a {cls.__name__}, got {type(value).__name__}")
+                raise TypeError(f"{type(self).__name__}.{name} must be a {cls.__name__}, got {type(value).__name__}")
+
+    def model_parts(self) -> tuple[LoRAOptions, Prior | None, bool]:
+        """``(LoRA options, prior, whether B is a sample site)`` of the model this run builds."""
+        return LoRAOptions(), None, False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        """From :meth:`to_dict`'s nested layout, or the flat layout of earlier runs."""
+    def like(cls, other: "BaseRunConfig", **values: Any) -> Any:
+        """This kind's configuration with ``other``'s shared sections (task, model, data, evaluation)
+        and ``values`` (this kind's own, as in :meth:`from_dict`), e.g. a Laplace run around an SVI
+        run's adapter: ``LaplaceRunConfig.like(svi, seed=svi.seed, laplace={"adapter": "runs/map"})``."""
+        theirs = other.to_dict()
+        return cls.from_dict({**{name: theirs[name] for name in ("task", *_SHARED)}, **values})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """From :meth:`to_dict`'s layout (earlier releases' layouts are upgraded by :mod:`.compat`)."""
         if not isinstance(data, dict):
             raise ValueError(f"a run configuration must be a mapping of sections, got {type(data).__name__}")
-        data = upgrade_run_dict(data)
-        unknown = set(data) - {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        data = upgrade_run_dict(data, cls.KIND, known)
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"config has unknown keys {sorted(unknown)}")
         return cls(**data)
 
 
-def preset_config(preset: str, **sections: dict[str, Any] | str) -> RunConfig:
-    """A :class:`RunConfig` from the named recipe (:data:`PRESETS`), with ``sections`` (``task=``, or
+_SHARED = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
+_TASK = option("arc-easy", "Task name (see `pyro-llm tasks`) or a .jsonl/.csv file.")
+
+
+@dataclass
+class SVIConfig(BaseRunConfig):
+    """An SVI run (``pyro-llm svi-train``): everything needed to rebuild its model and guide and to
+    repeat its training."""
+
+    KIND: ClassVar[str] = "svi"
+    SECTIONS: ClassVar[dict[str, type]] = {**_SHARED, "lora": LoRAOptions, "prior": PriorConfig, "guide": GuideConfig,
+                                           "objective": ObjectiveConfig, "optim": OptimConfig}
+
+    task: str = _TASK
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    b_site: bool = option(False, "Make B a sample site too (default: a parameter).", flag="--b-site/--b-param")
+    lora: LoRAOptions = field(default_factory=LoRAOptions)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("b_site", self.b_site)
+
+    @property
+    def seed(self) -> int:
+        return self.optim.seed
+
+    def model_parts(self) -> tuple[LoRAOptions, Prior | None, bool]:
+        return self.lora, self.prior.build(), self.b_site
+
+
+@dataclass
+class ZeroShotConfig(BaseRunConfig):
+    """A zero-shot run (``pyro-llm zero-shot``): the base model evaluated, no adapter, no draws."""
+
+    KIND: ClassVar[str] = "zero-shot"
+    SECTIONS: ClassVar[dict[str, type]] = _SHARED
+
+    task: str = _TASK
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def seed(self) -> int:
+        return 0
+
+
+def preset_config(preset: str, **sections: dict[str, Any] | str) -> SVIConfig:
+    """An :class:`SVIConfig` from the named recipe (:data:`PRESETS`), with ``sections`` (``task=``, or
     nested values such as ``optim={"steps": 2000}``) given explicitly taking precedence, key by key,
     as explicit options do on the command line."""
     recipe = lookup(PRESETS, preset, "preset")
@@ -252,7 +321,7 @@ def preset_config(preset: str, **sections: dict[str, Any] | str) -> RunConfig:
             merged.setdefault(name, {}).update(values)
         else:
             merged[name] = values
-    return RunConfig.from_dict(merged)
+    return SVIConfig.from_dict(merged)
 
 
 def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
@@ -288,7 +357,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 @dataclass
 class LaplaceConfig:
-    """A Laplace run: the adapter, the K-FAC pass, the prior precision and the predictive."""
+    """The Laplace section of a Laplace run: the adapter, the K-FAC pass, the posterior's extent, the
+    prior precision and the predictive."""
 
     adapter: str = option("", "A pyro-llm MAP run folder or any peft LoRA adapter folder.", cli=False)
     kfac: KFACConfig = option(default_factory=KFACConfig, help="The K-FAC pass.", cli=False)
@@ -322,10 +392,41 @@ class LaplaceConfig:
             raise ValueError("adapter and curvature_from must be folder paths (strings)")
         check_int("glm_max_tokens", self.glm_max_tokens, low=1)
 
-    @property
-    def batch_size(self) -> int:
-        return self.kfac.batch_size
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LaplaceConfig":
         return cls(**upgrade_laplace_dict(data))
+
+
+@dataclass
+class LaplaceRunConfig(BaseRunConfig):
+    """A Laplace run (``pyro-llm laplace``): the model as built around the adapter (its LoRA, the
+    prior of the run that trained it, ``B`` a site unless ``laplace.a_only``) and the Laplace
+    section. The GLM passes read ``eval.batch_size`` examples at a time, the K-FAC pass its own
+    ``laplace.kfac.batch_size``."""
+
+    KIND: ClassVar[str] = "laplace"
+    SECTIONS: ClassVar[dict[str, type]] = {**_SHARED, "lora": LoRAOptions, "prior": PriorConfig,
+                                           "laplace": LaplaceConfig}
+
+    task: str = _TASK
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoRAOptions = option(default_factory=LoRAOptions, help="The adapter's LoRA (read from it).", cli=False)
+    prior: PriorConfig = option(default_factory=PriorConfig, help="The prior of the run that trained the adapter "
+                                                                  "(a foreign peft adapter: this one).", cli=False)
+    laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    seed: int = option(0, "Seed of the sampled Fisher's labels and of the sampled predictive.", flag="--seed")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.laplace, dict):
+            self.laplace = LaplaceConfig.from_dict(self.laplace)
+        super().__post_init__()
+        check_int("seed", self.seed, low=0, high=MAX_SEED)
+
+    def model_parts(self) -> tuple[LoRAOptions, Prior | None, bool]:
+        return self.lora, self.prior.build(), not self.laplace.a_only
+
+
+#: each run kind's configuration class, by the kind ``config.json`` names
+CONFIG_KINDS: dict[str, type[BaseRunConfig]] = {c.KIND: c for c in (SVIConfig, LaplaceRunConfig, ZeroShotConfig)}

@@ -17,7 +17,8 @@ from .common import (LoadedRun, evaluation_limit, load_split, read_config, recor
                      run_config_of, score)
 from .laplace import LaplaceRun, load_laplace_run
 from .svi import load_svi_run, svi_predictor
-from .zero_shot import load_zero_shot_run
+from .config import ZeroShotConfig
+from .zero_shot import load_zero_shot_run, zero_shot_predictor
 
 __all__ = ["evaluate", "evaluate_ensemble", "load_run", "predictor"]
 
@@ -41,7 +42,7 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
     every call draws from ``seed``, default the run's), a tag naming its options, and the facts
     to record beside its metrics."""
     check_int("seed", seed, low=0, high=MAX_SEED, optional=True)
-    seed = run.config.optim.seed if seed is None else seed
+    seed = run.config.seed if seed is None else seed
     if isinstance(run, LaplaceRun):
         n = run.config.eval.samples if samples is None else samples
         check_int("samples", n, low=0)
@@ -49,8 +50,11 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
         kind = facts["predictive"]
         return predict, f"{kind}{f'-n{n}' if kind == 'nn' else ''}-seed{seed}", facts
     if predictive is not None:
-        raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run.run_dir} is an SVI run "
-                         "(its predictive is the N-sample average: use --samples)")
+        which = "a zero-shot" if isinstance(run.config, ZeroShotConfig) else "an SVI"
+        raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run.run_dir} is {which} run "
+                         "(an SVI run's predictive is the N-sample average: use --samples)")
+    if isinstance(run.config, ZeroShotConfig):  # the base model: one deterministic pass
+        return zero_shot_predictor(run, progress=progress), f"n0-seed{seed}", {"samples": 0, "seed": seed}
     predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress)
     return predict, f"n{n}-seed{seed}", {"samples": n, "seed": seed}
 

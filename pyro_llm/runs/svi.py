@@ -20,14 +20,14 @@ from ..io import atomic_write_json, read_json
 from ..models import lora_dropout_active
 from .common import (LoadedRun, build_for, evaluation_limit, load_split, process_group, read_config, rebuild,
                      run_config_of, score, write_config)
-from .config import RunConfig
+from .config import SVIConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
 
 __all__ = ["evaluate_loaded", "load_svi_run", "svi_predictor", "train"]
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
+def train(cfg: SVIConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
           progress: bool = True, cache: str | None = None, evaluate_after: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and evaluate on the task's test split; returns the metrics.
 
@@ -43,9 +43,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, resum
 RESUMABLE = ("lr", "g_lr", "warmup_ratio", "decay", "grad_clip", "weight_decay", "checkpoint_every")
 
 
-def _resume_changes(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def _resume_changes(saved: SVIConfig, cfg: SVIConfig, run_dir: Path) -> dict[str, Any]:
     """The optimiser settings ``cfg`` changes from the run's own; any other difference is refused."""
-    def comparable(c: RunConfig) -> dict[str, Any]:
+    def comparable(c: SVIConfig) -> dict[str, Any]:
         d = c.to_dict()
         d["model"] = {**d["model"], "device": None}
         d["optim"] = {k: v for k, v in d["optim"].items() if k not in RESUMABLE}
@@ -62,7 +62,7 @@ def _resume_changes(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> dict[str
             if getattr(saved.optim, k) != getattr(cfg.optim, k)}
 
 
-def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume: bool, progress: bool,
+def _train(cfg: SVIConfig, run_dir: Path, rank: int, *, overwrite: bool, resume: bool, progress: bool,
            cache: str | None, evaluate_after: bool) -> dict[str, Any]:
     task = get_task(cfg.task)
     folder = RunFolder(run_dir, overwrite=overwrite, resume=resume, inputs=(cfg.model.name, cfg.task),
@@ -74,7 +74,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, *, overwrite: bool, resume:
         folder.release()
 
 
-def _train_in(folder: RunFolder, cfg: RunConfig, task: TaskSpec, run_dir: Path, rank: int, *, resume: bool,
+def _train_in(folder: RunFolder, cfg: SVIConfig, task: TaskSpec, run_dir: Path, rank: int, *, resume: bool,
               progress: bool, cache: str | None, evaluate_after: bool) -> dict[str, Any]:
     resumes: list[dict[str, Any]] = []
     continuing = resume and not folder.restart
@@ -99,7 +99,7 @@ def _train_in(folder: RunFolder, cfg: RunConfig, task: TaskSpec, run_dir: Path, 
     record = {"resumes": resumes} if resumes else {}
     with folder if rank == 0 else contextlib.nullcontext(folder.path) as out:
         if rank == 0 and (not continuing or record):  # a resumed run's config says how it was resumed
-            write_config(out, "svi", cfg, state="running", **record)
+            write_config(out, cfg, state="running", **record)
         if dist.is_initialized():
             dist.barrier()
         trainer = SVITrainer(model, guide, cfg.optim, elbo=ELBOS[cfg.objective.elbo](),
@@ -121,7 +121,7 @@ def _train_in(folder: RunFolder, cfg: RunConfig, task: TaskSpec, run_dir: Path, 
             m, _ = evaluate_loaded(LoadedRun(model, guide, tok, cfg, task, out), task, progress=progress and rank == 0)
             metrics = {f"{task.name}/test": m.as_dict()}
         if rank == 0:
-            write_config(out, "svi", cfg, state="finished", **record)
+            write_config(out, cfg, state="finished", **record)
     return metrics
 
 
@@ -151,7 +151,7 @@ def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | Non
     mc_dropout = point and cfg.lora.dropout > 0 and n > 0  # MC dropout on the LoRA input
     if point and not mc_dropout:
         n = 0  # a point mass: every sample is the same network
-    seed = cfg.optim.seed if seed is None else seed
+    seed = cfg.seed if seed is None else seed
 
     def predict(data: EncodedDataset) -> torch.Tensor:
         pyro.set_rng_seed(seed)
@@ -167,7 +167,7 @@ def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samp
                     limit: int | None = None, progress: bool = True, seed: int | None = None,
                     suffix: str = "") -> tuple[Metrics, torch.Tensor]:
     """Evaluate a loaded SVI run on ``task``/``split`` with its N-sample predictive (:func:`svi_predictor`)."""
-    seed = run.config.optim.seed if seed is None else seed
+    seed = run.config.seed if seed is None else seed
     predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress, desc=f"eval {task.name}")
     metrics, probs, _ = score(run, task, split, evaluation_limit(run.config, limit), predict, suffix,
                               extra={"samples": n, "seed": seed})

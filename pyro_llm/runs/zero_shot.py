@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyro
 import torch
 
-from ..data import get_task
+from ..data import EncodedDataset, get_task
+from ..evaluation import predict_proba
 from ..models import BayesianLoRAModel
-from .common import LoadedRun, build_for, rebuild, write_config
-from .config import RunConfig
+from .common import LoadedRun, build_for, evaluation_limit, rebuild, score, write_config
+from .config import ZeroShotConfig
 from .folder import RunFolder
-from .svi import evaluate_loaded
 
-__all__ = ["load_zero_shot_run", "zero_shot"]
+__all__ = ["load_zero_shot_run", "zero_shot", "zero_shot_predictor"]
 
 
 class BaseModelGuide:
@@ -28,7 +28,13 @@ class BaseModelGuide:
         return self.model.point_values()
 
 
-def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+def zero_shot_predictor(run: LoadedRun, *, progress: bool = True) -> Callable[[EncodedDataset], torch.Tensor]:
+    """The base model's predictive as ``predict(data) -> probs`` (one deterministic pass)."""
+    return lambda data: predict_proba(run.model, run.guide, data, num_samples=0, batch_size=run.config.eval.batch_size,
+                                      progress=progress)
+
+
+def zero_shot(cfg: ZeroShotConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
               cache: str | None = None) -> dict[str, Any]:
     """Evaluate the base model (LoRA ``B = 0``, i.e. no adapter) on ``cfg.task``'s test split."""
     run_dir = Path(run_dir)
@@ -38,10 +44,11 @@ def zero_shot(cfg: RunConfig, run_dir: str | Path, *, overwrite: bool = False, p
         pyro.clear_param_store()
         model, tok = build_for(cfg, task, None, cache)
         with folder as out:
-            write_config(out, "zero-shot", cfg, state="running")
-            metrics, _ = evaluate_loaded(LoadedRun(model, BaseModelGuide(model), tok, cfg, task, out), task,
-                                         samples=0, progress=progress)
-            write_config(out, "zero-shot", cfg, state="finished")
+            write_config(out, cfg, state="running")
+            run = LoadedRun(model, BaseModelGuide(model), tok, cfg, task, out)
+            metrics, _, _ = score(run, task, "test", evaluation_limit(cfg, None),
+                                  zero_shot_predictor(run, progress=progress), extra={"samples": 0, "seed": 0})
+            write_config(out, cfg, state="finished")
     finally:
         folder.release()
     return {f"{task.name}/test": metrics.as_dict()}

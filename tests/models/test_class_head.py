@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pyro_llm.runs import RunConfig, load_run, train
+from pyro_llm.runs import SVIConfig, load_run, train
 
 from tiny import save_tiny_llama
 
@@ -26,7 +26,7 @@ def test_tied_class_head_trains_saves_and_reloads_in_peft(tied_llama, tmp_path, 
     base = AutoModelForCausalLM.from_pretrained(str(tied_llama))
     assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # really tied
     embeddings = base.get_input_embeddings().weight.detach().clone()
-    cfg = RunConfig.from_dict({"task": "arc-easy", "model": {"name": str(tied_llama)}, "guide": {"name": guide},
+    cfg = SVIConfig.from_dict({"task": "arc-easy", "model": {"name": str(tied_llama)}, "guide": {"name": guide},
                                "lora": {"class_head": True}, "data": {"train_limit": 16, "test_limit": 8,
                                                                       "max_length": 64},
                                "eval": {"samples": 2}, "optim": {"steps": 4, "batch_size": 4, "lr": 5e-2,

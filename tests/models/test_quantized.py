@@ -19,7 +19,7 @@ from pyro_llm.guides import guide_median
 from pyro_llm.infer import OptimConfig, SVITrainer
 from pyro_llm.models import BayesianLoRAModel, build_model
 from pyro_llm.models.quantize import check_quantize, quantized_linear_bytes
-from pyro_llm.runs import RunConfig, evaluate, make_guide, train
+from pyro_llm.runs import SVIConfig, evaluate, make_guide, train
 
 KINDS = ["int8", "nf4"]
 
@@ -103,7 +103,7 @@ def test_kfac_of_a_quantized_layer_equals_its_exact_fisher(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_quantized_run_records_reloads_and_its_adapter_loads_in_plain_peft(tiny_llama, tmp_path, kind):
-    cfg = RunConfig.from_dict({"task": "arc-easy", "model": {"name": str(tiny_llama), "quantize": kind},
+    cfg = SVIConfig.from_dict({"task": "arc-easy", "model": {"name": str(tiny_llama), "quantize": kind},
                                "guide": {"name": "blob"}, "data": {"train_limit": 8, "test_limit": 4, "max_length": 64},
                                "eval": {"samples": 2}, "optim": {"steps": 2, "batch_size": 4, "lr": 1e-2}})
     metrics = train(cfg, tmp_path / "run", progress=False)
@@ -140,7 +140,7 @@ def test_quantize_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="cuda or cpu"):
         check_quantize("nf4", torch.device("mps"))
     with pytest.raises(ValueError, match="quantize must be one of"):
-        RunConfig.from_dict({"model": {"quantize": "fp8"}})
+        SVIConfig.from_dict({"model": {"quantize": "fp8"}})
     import importlib.util
 
     real = importlib.util.find_spec

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from pyro_llm.cli import cli
 from pyro_llm.evaluation import compute_metrics, fit_temperature_to_probs, temper
 from pyro_llm.io import atomic_save_tensors, load_tensors
-from pyro_llm.runs import RunConfig, evaluate, evaluate_ensemble, train, zero_shot
+from pyro_llm.runs import SVIConfig, ZeroShotConfig, evaluate, evaluate_ensemble, train, zero_shot
 
 
 def _cfg(tiny_llama, guide, seed=0, **sections):
-    return RunConfig.from_dict({"model": {"name": str(tiny_llama)}, "guide": {"name": guide},
+    return SVIConfig.from_dict({"model": {"name": str(tiny_llama)}, "guide": {"name": guide},
                                 "data": {"train_limit": 24, "test_limit": 16, "max_length": 96},
                                 "eval": {"samples": 3},
                                 "optim": {"steps": 4, "batch_size": 4, "lr": 1e-2, "seed": seed}, **sections})
@@ -31,8 +31,8 @@ def runs(tmp_path_factory, tiny_llama):
                                      ("mcd", "map", 0, {"lora": {"dropout": 0.3}})):
         train(_cfg(tiny_llama, guide, seed, **extra), root / name, progress=False)
         made[name] = root / name
-    zero_shot(RunConfig.from_dict({"model": {"name": str(tiny_llama)}, "data": {"test_limit": 16, "max_length": 96}}),
-              root / "zs", progress=False)
+    zero_shot(ZeroShotConfig.from_dict({"model": {"name": str(tiny_llama)},
+                                        "data": {"test_limit": 16, "max_length": 96}}), root / "zs", progress=False)
     made["zs"] = root / "zs"
     return made
 

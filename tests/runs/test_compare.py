@@ -7,8 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyro_llm.cli import cli
-from pyro_llm.runs import COMPARE_METHODS, DEFAULT_METHODS, PRESETS, RunConfig, load_predictions
-from pyro_llm.runs.config import _SECTIONS
+from pyro_llm.runs import COMPARE_METHODS, DEFAULT_METHODS, PRESETS, SVIConfig, load_predictions
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +50,9 @@ def test_compare_trains_every_method_once_and_prints_them_side_by_side(tiny_sst2
 
 
 def test_presets_list_only_differences_from_the_defaults():
-    defaults = RunConfig().to_dict()
+    defaults = SVIConfig().to_dict()
     for name, recipe in PRESETS.items():
-        assert set(recipe) <= set(_SECTIONS), name
+        assert set(recipe) <= set(SVIConfig.SECTIONS), name
         for section, values in recipe.items():
             for key, value in values.items():
                 assert key in defaults[section], (name, section, key)

@@ -15,7 +15,7 @@ import torch
 
 from pyro_llm.evaluation import compute_metrics
 from pyro_llm.io import FileWriteError, atomic_save_tensors, atomic_torch_save, atomic_write_json
-from pyro_llm.runs import LaplaceConfig, RunConfig, laplace, record_metrics, train
+from pyro_llm.runs import LaplaceRunConfig, SVIConfig, laplace, record_metrics, train
 
 
 @contextmanager
@@ -45,8 +45,8 @@ def test_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, write):
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # no temporary file left
 
 
-def _cfg(model: Path) -> RunConfig:
-    return RunConfig.from_dict({"task": "arc-easy", "model": {"name": str(model), "device": "cpu"},
+def _cfg(model: Path) -> SVIConfig:
+    return SVIConfig.from_dict({"task": "arc-easy", "model": {"name": str(model), "device": "cpu"},
                                 "guide": {"name": "map"}, "data": {"train_limit": 16, "test_limit": 4,
                                                                    "max_length": 64},
                                 "eval": {"samples": 0}, "optim": {"steps": 2, "batch_size": 4, "lr": 1e-2}})
@@ -69,7 +69,8 @@ def test_files_follow_the_umask_and_identical_runs_write_identical_bytes(tmp_pat
     try:
         for name in ("a", "b"):
             train(_cfg(tiny_llama), tmp_path / name, progress=False)
-            laplace(_cfg(tiny_llama), LaplaceConfig(adapter=str(tmp_path / name), prior_precision="1.0"),
+            laplace(LaplaceRunConfig.like(_cfg(tiny_llama), laplace={"adapter": str(tmp_path / name),
+                                                                     "prior_precision": "1.0"}),
                     tmp_path / f"laplace-{name}", progress=False)
     finally:
         os.umask(old)

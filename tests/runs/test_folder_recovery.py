@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from pyro_llm.runs import RunConfig, RunDirExistsError, train
+from pyro_llm.runs import SVIConfig, RunDirExistsError, train
 from pyro_llm.runs.lock import RunLockedError
 
 
-def _cfg(model: Path, steps: int = 4) -> RunConfig:
-    return RunConfig.from_dict({"task": "arc-easy", "model": {"name": str(model), "device": "cpu"},
+def _cfg(model: Path, steps: int = 4) -> SVIConfig:
+    return SVIConfig.from_dict({"task": "arc-easy", "model": {"name": str(model), "device": "cpu"},
                                 "guide": {"name": "map"}, "data": {"train_limit": 16, "test_limit": 4,
                                                                    "max_length": 64},
                                 "eval": {"samples": 0}, "optim": {"steps": steps, "batch_size": 4, "lr": 1e-2,

@@ -6,14 +6,14 @@ import pyro
 import pytest
 import torch
 
-from pyro_llm.runs import RunConfig
+from pyro_llm.runs import SVIConfig
 from pyro_llm.infer import NonFiniteLossError, OptimConfig, SVITrainer
 from pyro_llm.io import CorruptFileError
 from pyro_llm.runs import RunDirExistsError, evaluate, load_run, train
 
 
 def _cfg(tiny_llama, guide="blob", steps=6, **kw):
-    return RunConfig.from_dict({"task": "arc-easy", "model": {"name": str(tiny_llama)}, "guide": {"name": guide},
+    return SVIConfig.from_dict({"task": "arc-easy", "model": {"name": str(tiny_llama)}, "guide": {"name": guide},
                                 "data": {"train_limit": 24, "test_limit": 16, "max_length": 96},
                                 "eval": {"samples": 3},
                                 "optim": {"steps": steps, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 3}, **kw})
@@ -79,7 +79,7 @@ def test_resume_may_change_the_learning_rate_and_records_it(tiny_llama, tmp_path
     (run / "config.json").write_text(json.dumps({**config, "state": "running"}))  # killed after its last checkpoint
     with pytest.raises(ValueError, match="optim.steps"):
         train(_cfg(tiny_llama, "map", steps=5), run, resume=True, progress=False)
-    lower = RunConfig.from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 1e-3}})
+    lower = SVIConfig.from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 1e-3}})
     train(lower, run, resume=True, progress=False, evaluate_after=False)
     config = json.loads((run / "config.json").read_text())
     assert config["state"] == "finished" and config["run"]["optim"]["lr"] == 1e-3
