@@ -12,6 +12,9 @@ Methods (every one a library feature selected by configuration, nothing written 
   tempered exact ELBO, the KL weight ``w`` chosen per seed on the validation NLL among ``W_GRID``.
 * ``blob-cycles``: BLoB's guide with the MAP's recipe, the reference's ``2^i`` KL reweighting and
   two-optimiser update, its cycles fitted to the planned steps (``--kl-schedule blob-cycles``).
+* ``ivon``: :class:`~pyro_llm.guides.IVONGuide` over ``A`` and ``B`` (IVON's LoRA recipe applies it
+  to every LoRA matrix) with the MAP's steps and batches, its own optimiser at ``IVON["lr"]``, the
+  effective sample size chosen per seed on the validation NLL among ``ESS_GRID`` (multiples of N).
 * ``scale-search``: no training beyond the MAP: ``q(A) = N(A_MAP, s^2)`` with ``s`` chosen on the
   validation NLL among ``SCALE_GRID`` (:func:`pyro_llm.infer.search_scale`, training-free).
 
@@ -37,6 +40,7 @@ from typing import Any, Callable
 import pyro
 import torch
 
+from pyro_llm.data import get_task, load_examples
 from pyro_llm.evaluation import compute_metrics, predict_proba
 from pyro_llm.infer import search_scale
 from pyro_llm.io import atomic_write_json
@@ -56,6 +60,10 @@ TESTBEDS: dict[str, tuple[dict[str, Any], str, str]] = {
                                                          "questions)")}
 TESTBED, TASK, DESCRIPTION = TESTBEDS["smollm2"]
 W_GRID = (1.0, 0.1, 0.01)
+#: IVON's effective sample sizes, as multiples of the training set's size N (1: the posterior itself)
+ESS_GRID = (1.0, 10.0, 100.0)
+#: IVON's recipe for the testbed's budget (its scales set by its Hessian estimate; see the docs)
+IVON = {"lr": 0.1, "hess_init": 1e-3, "beta2": 0.99}
 SCALE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
@@ -68,11 +76,12 @@ def _testbed(seed: int, **sections: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _variant(seed: int, **sections: dict[str, Any]) -> SVIConfig:
-    """The MAP's recipe (guide, optimiser, objective) with ``sections`` changed."""
+def _variant(seed: int, **sections: Any) -> SVIConfig:
+    """The MAP's recipe (guide, optimiser, objective) with ``sections`` changed (a top-level field
+    such as ``b_site`` replaced)."""
     cfg = run_config(TESTBED, TASK, seed).to_dict()
     for name, values in sections.items():
-        cfg[name] = {**cfg[name], **values}
+        cfg[name] = {**cfg[name], **values} if isinstance(values, dict) else values
     return SVIConfig.from_dict(cfg)
 
 
@@ -87,13 +96,29 @@ def configs(seed: int) -> dict[str, SVIConfig]:
     for w in W_GRID:  # --preset blob-adam is w = 0.1
         out[f"blob-adam-w{w:g}"] = _variant(seed, guide={"name": "blob", "flipout": True},
                                             objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
+    n = _train_size(seed)
+    for e in ESS_GRID:  # IVON over A and B (its LoRA recipe), as the paper applies it to every LoRA matrix
+        out[f"ivon-e{e:g}"] = _variant(seed, b_site=True, optim={"lr": IVON["lr"]},
+                                       guide={"name": "ivon", "ivon_ess": e * n, "ivon_hess_init": IVON["hess_init"],
+                                              "ivon_beta2": IVON["beta2"]})
     return out
+
+
+def _train_size(seed: int) -> int:
+    """The testbed's number of training examples."""
+    cfg = run_config(TESTBED, TASK, seed)
+    return len(load_examples(get_task(cfg.task), "train", limit=cfg.data.train_limit, split_seed=cfg.data.split_seed,
+                             fractions=cfg.data.split_fractions))
 
 
 #: ``--cells`` names -> the run names they train
 CELL_RUNS: dict[str, Callable[[str], bool]] = {
     "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
-    "blob-adam": lambda r: r.startswith("blob-adam-"), "scale-search": lambda r: False}
+    "blob-adam": lambda r: r.startswith("blob-adam-"), "ivon": lambda r: r.startswith("ivon-"),
+    "scale-search": lambda r: False}
+
+#: methods whose setting is chosen per seed on the validation NLL: run-name prefix -> the grid's label
+CHOSEN = {"blob-adam": "KL weight", "ivon": "effective sample size / N"}
 
 
 def _scale_search(map_dir: Path) -> None:
@@ -145,7 +170,7 @@ def run_cells(cells: list[str], seeds: list[int], root: Path) -> None:
         for name, cfg in configs(seed).items():
             if any(CELL_RUNS[c](name) for c in cells):
                 _train(cfg, root / f"seed{seed}" / name)
-                if name.startswith("blob-adam-"):
+                if name.startswith(tuple(f"{m}-" for m in CHOSEN)):
                     _log(f"{name} seed {seed}: validation NLL {_validation_nll(root / f'seed{seed}' / name):.4f}")
 
 
@@ -157,7 +182,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
     """Rows of what has finished: metrics over seeds, paired differences, cost in steps and seconds."""
     rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     cost: dict[str, list[tuple[int, float]]] = {}
-    chosen: dict[int, str] = {}
+    chosen: dict[str, dict[int, str]] = {m: {} for m in CHOSEN}
     scales: dict[int, float] = {}
     for seed in seeds:
         base = root / f"seed{seed}"
@@ -172,11 +197,13 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
         for name in ("blob-ref", "blob-cycles"):
             if name in done:
                 methods[name] = (done[name], {})
-        grid = [n for n in done if n.startswith("blob-adam-")]
-        if len(grid) == len(W_GRID):
-            chosen[seed] = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
-            methods["blob-adam"] = (done[chosen[seed]], {})
-            methods["blob-adam+ts"] = (done[chosen[seed]], {"temperature": "validation"})
+        for method, size in (("blob-adam", len(W_GRID)), ("ivon", len(ESS_GRID))):
+            grid = [n for n in done if n.startswith(f"{method}-")]
+            if len(grid) == size:
+                pick = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
+                chosen[method][seed] = pick
+                methods[method] = (done[pick], {})
+                methods[f"{method}+ts"] = (done[pick], {"temperature": "validation"})
         for method, (run_dir, options) in methods.items():
             scored = _scored(run_dir, TASK, method, None, True, **options)
             if scored is not None:
@@ -197,7 +224,8 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
              "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict[str, Any] = {}
-    for method in ("map", "map+ts", "blob-ref", "blob-cycles", "blob-adam", "blob-adam+ts", "scale-search"):
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles", "blob-adam", "blob-adam+ts", "ivon", "ivon+ts",
+                   "scale-search"):
         if method not in rows:
             continue
         ms = [compute_metrics(p, lab).as_dict() for p, lab in rows[method]]
@@ -213,16 +241,18 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
                      f"{_fmt([m['nll'] for m in ms], digits=3)} | {_fmt([m['brier'] for m in ms], digits=3)} | "
                      + " | ".join(cells) + " |")
         summary[method] = {"metrics": ms, "steps": steps, "train_seconds": secs}
-    if chosen:
-        lines += ["", f"KL weight of blob-adam (chosen on validation NLL among {', '.join(f'{w:g}' for w in W_GRID)}): "
-                  + ", ".join(f"seed {s}: {n.removeprefix('blob-adam-')}" for s, n in sorted(chosen.items()))]
+    for method, grid in (("blob-adam", W_GRID), ("ivon", ESS_GRID)):
+        if chosen[method]:
+            lines += ["", f"{CHOSEN[method]} of {method} (chosen on validation NLL among "
+                          f"{', '.join(f'{v:g}' for v in grid)}): "
+                      + ", ".join(f"seed {s}: {n.removeprefix(method + '-')}" for s, n in sorted(chosen[method].items()))]
     if scales:
         lines += ["", "Scale chosen on validation NLL (scale-search; its seconds add the search to MAP's training): "
                   + ", ".join(f"seed {s}: {v:g}" for s, v in sorted(scales.items()))]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     atomic_write_json(out / "results.json", {"seeds": seeds, "methods": summary, "paired_differences": differences,
-                                             "chosen": {str(k): v for k, v in chosen.items()}})
+                                             "chosen": {m: {str(k): v for k, v in c.items()} for m, c in chosen.items()}})
     _plot_sigma(seeds, root, out / "sigma.png")
     print("\n".join(lines))
 
@@ -263,10 +293,14 @@ def main() -> None:
     ap.add_argument("--testbed", choices=sorted(TESTBEDS), default="smollm2")
     ap.add_argument("--weights", type=float, nargs="+", default=None,
                     help="the KL weights blob-adam chooses among on validation NLL (default: 1, 0.1, 0.01)")
+    ap.add_argument("--ess", type=float, nargs="+", default=None,
+                    help="the effective sample sizes (multiples of N) ivon chooses among on validation NLL "
+                         "(default: 1, 10, 100)")
     args = ap.parse_args()
-    global TESTBED, TASK, DESCRIPTION, W_GRID
+    global TESTBED, TASK, DESCRIPTION, W_GRID, ESS_GRID
     TESTBED, TASK, DESCRIPTION = TESTBEDS[args.testbed]
     W_GRID = tuple(args.weights) if args.weights else W_GRID
+    ESS_GRID = tuple(args.ess) if args.ess else ESS_GRID
     root = Path(args.runs_dir)
     if not args.tables:
         run_cells(args.cells, args.seeds, root)

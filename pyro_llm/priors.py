@@ -28,7 +28,7 @@ from .checks import check_real
 #: BLoB's and Laplace-LoRA's prior standard deviation of every LoRA entry, the library's default prior
 DEFAULT_PRIOR_STD = 0.2
 
-__all__ = ["DEFAULT_PRIOR_STD", "Prior", "IIDPrior", "GaussianPrior", "HierarchicalGaussianPrior", "LaplacePrior", "StudentTPrior",
+__all__ = ["DEFAULT_PRIOR_STD", "Prior", "IIDPrior", "GaussianPrior", "gaussian_precision", "HierarchicalGaussianPrior", "LaplacePrior", "StudentTPrior",
            "SitePrior", "as_prior", "iid_over"]
 
 
@@ -181,3 +181,15 @@ def as_prior(prior: PriorLike) -> Prior:
 
 
 __all__ += ["PriorLike"]
+
+
+def gaussian_precision(prior: Any, purpose: str) -> float:
+    """``1 / sigma^2`` of ``prior`` when it is one zero-mean Gaussian for every entry of every site
+    (:class:`GaussianPrior`, or an :class:`IIDPrior` of a scalar ``Normal(0, sigma)``), which
+    ``purpose`` (a sentence's subject, e.g. "the Laplace approximation") needs; a clear error otherwise."""
+    base = getattr(prior, "base", None)
+    if isinstance(prior, IIDPrior) and isinstance(base, torch.distributions.Normal) and base.loc.numel() == 1 \
+            and float(base.loc) == 0.0 and base.scale.numel() == 1:
+        return float(1.0 / base.scale ** 2)
+    raise ValueError(f"{purpose} needs a zero-mean i.i.d. Gaussian prior to read its precision from, and the "
+                     f"model's prior is {prior!r}")

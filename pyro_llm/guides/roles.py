@@ -24,7 +24,7 @@ import torch
 from pyro.infer.autoguide import (AutoCallable, AutoDiagonalNormal, AutoGuideList, AutoLowRankMultivariateNormal,
                                   AutoMultivariateNormal, AutoNormal)
 
-__all__ = ["DeclaresParamGroups", "LOC", "SCALE", "declared_param_groups", "param_roles"]
+__all__ = ["DeclaresParamGroups", "LOC", "OwnsOptimizer", "SCALE", "declared_param_groups", "param_roles"]
 
 SCALE, LOC = "scale", "loc"
 
@@ -34,6 +34,17 @@ class DeclaresParamGroups(Protocol):
     """A guide that says which of its parameters play which role (``"scale"``; the rest are locations)."""
 
     def param_groups(self) -> Mapping[str, Iterable[torch.Tensor]]: ...
+
+
+@runtime_checkable
+class OwnsOptimizer(Protocol):
+    """A guide whose parameters its own optimiser updates, the prior entering through that update
+    (IVON, :class:`~pyro_llm.guides.IVONGuide`: the scales come from the optimiser's curvature
+    estimate and the prior is its weight decay). The trainer gives that optimiser the guide's
+    parameters at the run's learning rate and schedule, trains any others (``B`` as a parameter)
+    as usual, and leaves the ELBO's KL term out of the loss: the loss is the mean NLL."""
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer: ...
 
 
 def _autoguide_scales(guide: Any) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ from ..evaluation.glm import GLM_MAX_TOKENS, glm_logit_moments, probit_probs
 from ..guides.ops import write_back_means
 from ..guides.laplace import LaplaceGuide
 from ..models.model import BayesianLoRAModel
-from ..priors import IIDPrior
+from ..priors import gaussian_precision
 
 __all__ = ["LaplaceFit", "PRIOR_PRECISION_METHODS", "blocks_from_factors", "fit_laplace", "optimize_prior_precision",
            "prior_precision_of", "tune_prior_precision"]
@@ -52,14 +52,11 @@ class LaplaceFit:
 
 def prior_precision_of(model: BayesianLoRAModel) -> float:
     """``1 / sigma^2`` of the model's prior when it is one zero-mean Gaussian for every entry of
-    every site (:class:`~pyro_llm.priors.GaussianPrior`); a clear error otherwise."""
-    prior = model.prior
-    base = getattr(prior, "base", None)
-    if isinstance(prior, IIDPrior) and isinstance(base, torch.distributions.Normal) and base.loc.numel() == 1 \
-            and float(base.loc) == 0.0 and base.scale.numel() == 1:
-        return float(1.0 / base.scale ** 2)
-    raise ValueError(f"the Laplace approximation needs a zero-mean i.i.d. Gaussian prior to read its precision "
-                     f"from, and the model's prior is {prior!r}: pass prior_precision=<number>, 'marglik' or 'val-nll'")
+    every site (:func:`~pyro_llm.priors.gaussian_precision`); a clear error otherwise."""
+    try:
+        return gaussian_precision(model.prior, "the Laplace approximation")
+    except ValueError as err:
+        raise ValueError(f"{err}: pass prior_precision=<number>, 'marglik' or 'val-nll'") from None
 
 
 def blocks_from_factors(model: BayesianLoRAModel, factors: KFACFactors,

@@ -37,7 +37,7 @@ from ..options import option
 from ..data.collate import EncodedDataset
 from ..distributions import base_distribution
 from ..guides.ops import guide_scales
-from ..guides.roles import LOC, SCALE, param_roles
+from ..guides.roles import LOC, SCALE, OwnsOptimizer, param_roles
 from ..models.model import BayesianLoRAModel
 from ..poutine import FlipoutMessenger, kl_weight
 from ..io import CorruptFileError
@@ -166,6 +166,13 @@ class SVITrainer:
         self.last_checkpoint = 0  # the step of the last checkpoint written or resumed from
         self.last_terms: dict[str, float] = {}  # the last step's per-example NLL and KL (MeanFieldELBO)
         self._point = False  # every latent site a point mass (set at the first step)
+        # a guide trained by its own optimiser takes the prior through it: the loss is the NLL alone
+        self._own_optimizer = isinstance(guide, OwnsOptimizer)
+        if self._own_optimizer and config.split_kl:
+            raise ValueError(f"{type(guide).__name__} updates its parameters with its own optimiser; split_kl "
+                             "(the BLoB reference's second optimiser) does not apply to it")
+        self._rates: list[float] = []  # each optimiser's base learning rate, for a resumed run
+        self._main_adamw: torch.optim.Optimizer | None = None  # the means' and B's AdamW, if any
 
     # -- the loss ----------------------------------------------------------------------------------
     def _examples(self, batch: dict[str, torch.Tensor]) -> int:
@@ -180,10 +187,15 @@ class SVITrainer:
             # must redo every operation of its first pass, so no view may be shared across layers
             self._flipout.shared_blocks = not getattr(self.model, "checkpointed_layers", None)
             stack.enter_context(self._flipout)
-        w = self.kl_schedule(step)
+        w = self.kl_weight(step)
         if w != 1.0:
             stack.enter_context(kl_weight(weight=w, sites=self.model.site_names))
         return stack
+
+    def kl_weight(self, step: int) -> float:
+        """The KL term's weight at ``step``: the schedule's, or 0 for a guide whose own optimiser takes
+        the prior (:class:`~pyro_llm.guides.roles.OwnsOptimizer`)."""
+        return 0.0 if self._own_optimizer else float(self.kl_schedule(step))
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.elbo.differentiable_loss(self.model, self.guide, **batch) / self._examples(batch)
@@ -196,7 +208,7 @@ class SVITrainer:
     def kl_loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """The weighted KL term of :meth:`loss` alone, at the parameters' current values: the same
         ELBO of the guide against the model's sites without the network (``model.sample_sites``)."""
-        with kl_weight(weight=self.kl_schedule(step), sites=self.model.site_names):
+        with kl_weight(weight=self.kl_weight(step), sites=self.model.site_names):
             return self.elbo.differentiable_loss(self.model.sample_sites, self.guide) / self._examples(batch)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -209,16 +221,29 @@ class SVITrainer:
         roles = param_roles(self.guide, [store[n] for n in self.param_names])
         main, g_params = roles[LOC], roles[SCALE]
         cfg = self.config
-        self.optimizers = [_optimizer(torch.optim.AdamW, main, lr=cfg.lr, eps=cfg.adam_eps,
-                                      weight_decay=cfg.weight_decay)]
+        self.optimizers, self._rates = [], []
+        if self._own_optimizer:  # the guide's optimiser takes its parameters at the run's learning rate
+            own = self.guide.make_optimizer(cfg.lr)  # type: ignore[union-attr]
+            owned = {id(p) for group in own.param_groups for p in group["params"]}
+            main, g_params = [p for p in main if id(p) not in owned], [p for p in g_params if id(p) not in owned]
+            self.optimizers.append(own)
+            self._rates.append(cfg.lr)
+        self._main_adamw = None
+        if main or not self._own_optimizer:
+            self._main_adamw = _optimizer(torch.optim.AdamW, main, lr=cfg.lr, eps=cfg.adam_eps,
+                                          weight_decay=cfg.weight_decay)
+            self.optimizers.append(self._main_adamw)
+            self._rates.append(cfg.lr)
         if cfg.split_kl:  # the reference's second optimiser: SGD on every parameter, for the KL's gradient
             self.optimizers.append(torch.optim.SGD(main + g_params, lr=cfg.g_lr))
+            self._rates.append(cfg.g_lr)
         elif g_params:
             if cfg.g_optimizer == "sgd":
                 self.optimizers.append(_optimizer(torch.optim.SGD, g_params, lr=cfg.g_lr))
             else:
                 self.optimizers.append(_optimizer(torch.optim.AdamW, g_params, lr=cfg.g_lr, eps=cfg.adam_eps,
                                                   weight_decay=0.0))
+            self._rates.append(cfg.g_lr)
         factor = warmup_decay(cfg.steps, cfg.warmup_ratio, cfg.decay)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
 
@@ -248,16 +273,13 @@ class SVITrainer:
             o.load_state_dict(s)
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
-        cfg = self.config
-        rates = [cfg.lr, cfg.g_lr]
-        for k, (opt, sch) in enumerate(zip(self.optimizers, self.schedulers)):
-            base = rates[min(k, 1)]
+        for opt, sch, base in zip(self.optimizers, self.schedulers, self._rates):
             sch.base_lrs = [base] * len(opt.param_groups)
             for group, f in zip(opt.param_groups, sch.lr_lambdas):
                 group["initial_lr"] = base
                 group["lr"] = base * f(sch.last_epoch)
-                if k == 0 and "weight_decay" in group:
-                    group["weight_decay"] = cfg.weight_decay
+                if opt is self._main_adamw:
+                    group["weight_decay"] = self.config.weight_decay
 
     # -- several processes -------------------------------------------------------------------------
     def _local(self, index: torch.Tensor) -> torch.Tensor:
@@ -424,7 +446,7 @@ class SVITrainer:
             terms = dict(self.last_terms)
             if self._point and "kl" in terms:  # a MAP's second term is the prior's penalty, not a KL
                 terms["neg_log_prior"] = terms.pop("kl")
-            record = {"step": step, "loss": float(loss), **terms, "kl_weight": float(self.kl_schedule(step)),
+            record = {"step": step, "loss": float(loss), **terms, "kl_weight": self.kl_weight(step),
                       "seconds": time.perf_counter() - t0}
             done = step + 1
             if done % every == 0 or done == end:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from ..checks import MAX_SEED, check_bool, check_choice, check_int, check_real
 from ..guides.blob import BLOB_EPS
+from ..guides.ivon import IVON_BETA2, IVON_HESS_INIT
 from ..options import option
 from ..curvature import KFACConfig
 from ..evaluation.glm import GLM_MAX_TOKENS
@@ -128,6 +129,12 @@ class GuideConfig:
     sigma_param: str = option("square", "BLoB: sigma = G^2 (the reference) or softplus(G).",
                               choices=("square", "softplus"))
     normal_init_scale: float = option(0.01, "Initial scale of Pyro's AutoNormal and low-rank guides.")
+    ivon_ess: float | None = option(None, "IVON: effective sample size (default: the training set's size, the "
+                                          "untempered posterior; larger tempers it).")
+    ivon_hess_init: float = option(IVON_HESS_INIT, "IVON: initial Hessian estimate h (sigma starts at "
+                                                   "1 / sqrt(ess (h + prior precision / ess))).")
+    ivon_beta2: float = option(IVON_BETA2, "IVON: the Hessian estimate's momentum (1 - beta2 weighs each step's "
+                                           "estimate).")
 
     def __post_init__(self) -> None:
         entry = lookup(GUIDES, self.name, "guide")
@@ -137,11 +144,15 @@ class GuideConfig:
         check_real("blob_eps", self.blob_eps, low=0, low_open=True)
         check_choice("sigma_param", self.sigma_param, ("square", "softplus"))
         check_real("normal_init_scale", self.normal_init_scale, low=0, low_open=True)
+        check_real("ivon_ess", self.ivon_ess, low=0, low_open=True, optional=True)
+        check_real("ivon_hess_init", self.ivon_hess_init, low=0, low_open=True)
+        check_real("ivon_beta2", self.ivon_beta2, low=0, high=1)
 
     @property
     def options(self) -> dict[str, Any]:
         """The options a registered guide's ``build`` reads."""
-        return {"blob_eps": self.blob_eps, "sigma_param": self.sigma_param, "normal_init_scale": self.normal_init_scale}
+        return {"blob_eps": self.blob_eps, "sigma_param": self.sigma_param, "normal_init_scale": self.normal_init_scale,
+                "ivon_ess": self.ivon_ess, "ivon_hess_init": self.ivon_hess_init, "ivon_beta2": self.ivon_beta2}
 
     def build(self, model: Any) -> Any:
         return make_guide(self.name, model, **self.options)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
 
-from ..guides import BLoBGuide
+from ..guides import BLoBGuide, IVONGuide
 from ..infer.elbo import MeanFieldELBO
 from ..infer.schedules import BlobKLReweighting, ConstantKL, KLSchedule, LinearKLAnnealing, blob_cycle_length
 from ..models.model import BayesianLoRAModel
@@ -43,7 +43,8 @@ class GuideEntry:
     """How to build a named guide, and what it is.
 
     :param build: ``build(model, options) -> guide``, ``options`` the run's guide options
-        (:attr:`~pyro_llm.runs.GuideConfig.options`: ``blob_eps``, ``sigma_param``, ``normal_init_scale``).
+        (:attr:`~pyro_llm.runs.GuideConfig.options`: ``blob_eps``, ``sigma_param``, ``normal_init_scale``,
+        ``ivon_ess``, ``ivon_hess_init``, ``ivon_beta2``).
     :param flipout: the default of ``--flipout``: ``True`` where its LoRA sites' marginals are
         Normal; ``None`` lets the trainer apply Flipout wherever it can, silently elsewhere.
     :param point: a point estimate (MAP): every weight sample is the same network.
@@ -62,6 +63,10 @@ GUIDES: dict[str, GuideEntry] = {
                          "Pyro's AutoNormal: mean-field Gaussian, softplus scales (Flipout and closed-form KL)"),
     "blob": GuideEntry(lambda m, o: BLoBGuide(m, eps=o["blob_eps"], sigma_param=o["sigma_param"]),
                        "BLoBGuide: mean-field Gaussian, sigma = G^2"),
+    "ivon": GuideEntry(lambda m, o: IVONGuide(m, ess=o["ivon_ess"], hess_init=o["ivon_hess_init"],
+                                              beta2=o["ivon_beta2"]),
+                       "IVONGuide: mean-field Gaussian whose scales come from IVON's Hessian estimate (its own "
+                       "optimiser at --lr; the prior is its weight decay)"),
     "lowrank": GuideEntry(lambda m, o: AutoLowRankMultivariateNormal(m, init_loc_fn=m.init_loc_fn(),
                                                                      init_scale=o["normal_init_scale"]),
                           "Pyro's AutoLowRankMultivariateNormal: a joint Gaussian of rank 1 + diagonal (sampled KL)",
