@@ -135,6 +135,10 @@ class GuideConfig:
                                                    "1 / sqrt(ess (h + prior precision / ess))).")
     ivon_beta2: float = option(IVON_BETA2, "IVON: the Hessian estimate's momentum (1 - beta2 weighs each step's "
                                            "estimate).")
+    ivon_clip_radius: float | None = option(None, "IVON: bound on each entry's preconditioned step (default: none; "
+                                                  "IVON's LoRA recipe: 1e-3).")
+    ivon_rescale_lr: bool = option(True, "IVON: scale --lr by hess_init + prior precision / ess (IVON's default; "
+                                         "its LoRA recipe turns it off).", flag="--ivon-rescale-lr/--no-ivon-rescale-lr")
 
     def __post_init__(self) -> None:
         entry = lookup(GUIDES, self.name, "guide")
@@ -147,12 +151,15 @@ class GuideConfig:
         check_real("ivon_ess", self.ivon_ess, low=0, low_open=True, optional=True)
         check_real("ivon_hess_init", self.ivon_hess_init, low=0, low_open=True)
         check_real("ivon_beta2", self.ivon_beta2, low=0, high=1)
+        check_real("ivon_clip_radius", self.ivon_clip_radius, low=0, low_open=True, optional=True)
+        check_bool("ivon_rescale_lr", self.ivon_rescale_lr)
 
     @property
     def options(self) -> dict[str, Any]:
         """The options a registered guide's ``build`` reads."""
         return {"blob_eps": self.blob_eps, "sigma_param": self.sigma_param, "normal_init_scale": self.normal_init_scale,
-                "ivon_ess": self.ivon_ess, "ivon_hess_init": self.ivon_hess_init, "ivon_beta2": self.ivon_beta2}
+                "ivon_ess": self.ivon_ess, "ivon_hess_init": self.ivon_hess_init, "ivon_beta2": self.ivon_beta2,
+                "ivon_clip_radius": self.ivon_clip_radius, "ivon_rescale_lr": self.ivon_rescale_lr}
 
     def build(self, model: Any) -> Any:
         return make_guide(self.name, model, **self.options)
@@ -191,7 +198,8 @@ class EvalConfig:
     """The N-sample predictive and the metrics."""
 
     samples: int = option(10, "Weight samples N at evaluation (0: the mean weights).", flag="--eval-samples")
-    batch_size: int = option(8, "Examples per evaluation pass.", flag="--eval-batch-size")
+    batch_size: int = option(8, "Examples per evaluation pass (and per GLM pass of a Laplace run).",
+                             flag="--eval-batch-size")
     max_rows: int = option(64, "Bound on rows per forward pass when samples are batched.")
     ece_bins: int = option(15, "Equal-width bins of the ECE.")
     flipout: bool = option(False, "Flipout on in the N evaluation passes (the BLoB reference's evaluation): one "

@@ -21,6 +21,7 @@ pass any guide object to :class:`~pyro_llm.infer.SVITrainer`.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -44,7 +45,7 @@ class GuideEntry:
 
     :param build: ``build(model, options) -> guide``, ``options`` the run's guide options
         (:attr:`~pyro_llm.runs.GuideConfig.options`: ``blob_eps``, ``sigma_param``, ``normal_init_scale``,
-        ``ivon_ess``, ``ivon_hess_init``, ``ivon_beta2``).
+        ``ivon_ess``, ``ivon_hess_init``, ``ivon_beta2``, ``ivon_clip_radius``, ``ivon_rescale_lr``).
     :param flipout: the default of ``--flipout``: ``True`` where its LoRA sites' marginals are
         Normal; ``None`` lets the trainer apply Flipout wherever it can, silently elsewhere.
     :param point: a point estimate (MAP): every weight sample is the same network.
@@ -64,7 +65,8 @@ GUIDES: dict[str, GuideEntry] = {
     "blob": GuideEntry(lambda m, o: BLoBGuide(m, eps=o["blob_eps"], sigma_param=o["sigma_param"]),
                        "BLoBGuide: mean-field Gaussian, sigma = G^2"),
     "ivon": GuideEntry(lambda m, o: IVONGuide(m, ess=o["ivon_ess"], hess_init=o["ivon_hess_init"],
-                                              beta2=o["ivon_beta2"]),
+                                              beta2=o["ivon_beta2"], rescale_lr=o["ivon_rescale_lr"],
+                                              clip_radius=o["ivon_clip_radius"] or math.inf),
                        "IVONGuide: mean-field Gaussian whose scales come from IVON's Hessian estimate (its own "
                        "optimiser at --lr; the prior is its weight decay)"),
     "lowrank": GuideEntry(lambda m, o: AutoLowRankMultivariateNormal(m, init_loc_fn=m.init_loc_fn(),
