@@ -140,20 +140,36 @@ class IVONGuide(BLoBGuide):
                  beta1: float = 0.9, beta2: float = IVON_BETA2, clip_radius: float = math.inf,
                  rescale_lr: bool = True, prefix: str = "ivon") -> None:
         super().__init__(model, prefix=prefix)
-        ess = ess if ess is not None else model.dataset_size
-        if ess is None:
-            raise ValueError("IVONGuide needs the effective sample size: pass ess, or build the model with its "
-                             "dataset_size")
-        check_real("ess", ess, low=0, low_open=True)
-        self.ess = float(ess)
-        self.weight_decay = gaussian_precision(model.prior, "IVON (its weight decay is the prior's precision)") \
-            / self.ess
+        check_real("ess", ess, low=0, low_open=True, optional=True)
+        self._ess = None if ess is None else float(ess)
+        self._prior_precision = gaussian_precision(model.prior, "IVON (its weight decay is the prior's precision)")
         self.hess_init, self.beta1, self.beta2 = hess_init, beta1, beta2
         self.clip_radius, self.rescale_lr = clip_radius, rescale_lr
         self._optimizer: IVONOptimizer | None = None
 
+    @property
+    def ess(self) -> float:
+        """The effective sample size: the one given, else the model's ``dataset_size`` (needed to
+        start and to train the guide, not to load a trained one)."""
+        ess = self._ess if self._ess is not None else self.model.dataset_size
+        if ess is None:
+            raise ValueError("IVONGuide needs the effective sample size: pass ess, or build the model with its "
+                             "dataset_size")
+        return float(ess)
+
+    @property
+    def weight_decay(self) -> float:
+        """``delta``: the prior's precision per effective example."""
+        return self._prior_precision / self.ess
+
     def _init_G(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        sigma = 1.0 / math.sqrt(self.ess * (self.hess_init + self.weight_decay))
+        """``sigma = 1 / sqrt(ess (hess_init + delta))``; without an effective sample size (a trained
+        guide being rebuilt, whose saved ``G`` replaces this) the prior's scale, every tempered IVON
+        posterior's bound."""
+        if self._ess is None and self.model.dataset_size is None:
+            sigma = self._prior_precision ** -0.5
+        else:
+            sigma = 1.0 / math.sqrt(self.ess * (self.hess_init + self.weight_decay))
         return torch.full(shape, math.sqrt(sigma), device=device)
 
     def make_optimizer(self, lr: float) -> IVONOptimizer:
