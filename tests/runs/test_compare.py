@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyro_llm.cli import cli
-from pyro_llm.runs import COMPARE_METHODS, DEFAULT_METHODS, PRESETS, SVIConfig, load_predictions
+from pyro_llm.runs import COMPARE_METHODS, DEFAULT_METHODS, PRESETS, QUICK, SVIConfig, load_predictions
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def test_compare_trains_every_method_once_and_prints_them_side_by_side(tiny_sst2
     for run in ("map", "blob-adam", "laplace"):
         config = json.loads((out / run / "config.json").read_text())
         assert config["state"] == "finished" and config["run"]["task"] == "sst2"
-        assert config["run"]["data"]["test_limit"] == 24 and config["run"]["data"]["split_fractions"] == [0.1, 0.3, 0.6]
+        assert config["run"]["data"]["test_limit"] == 24 and config["run"]["data"]["split_fractions"] == list(
+            QUICK["data"]["split_fractions"])
     assert json.loads((out / "blob-adam" / "config.json").read_text())["run"]["guide"]["name"] == "blob"
     assert json.loads((out / "map" / "config.json").read_text())["run"]["guide"]["name"] == "map"
     # the printed metrics are the runs' own recorded predictions
