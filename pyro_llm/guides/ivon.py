@@ -50,6 +50,11 @@ IVON_HESS_INIT = 1e-3
 IVON_BETA2 = 0.99
 
 
+def _root_scale(hess: torch.Tensor, ess: float, weight_decay: float) -> torch.Tensor:
+    """``G = sqrt(sigma)`` with ``sigma = 1 / sqrt(ess (h + delta))``."""
+    return (ess * (hess + weight_decay)).rsqrt().sqrt()
+
+
 class IVONOptimizer(torch.optim.Optimizer):
     """IVON's update of a mean ``M`` and the root ``G`` of its scale (``sigma = G^2``): the module
     docstring's step, reading ``g`` from ``M.grad`` and ``f`` from ``G.grad``; ``G`` is then set
@@ -77,12 +82,6 @@ class IVONOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": [loc, root_scale]}],
                          {"lr": lr, "ess": ess, "hess_init": hess_init, "weight_decay": weight_decay, "beta1": beta1,
                           "beta2": beta2, "clip_radius": clip_radius, "rescale_lr": rescale_lr})
-
-    @staticmethod
-    def _root_scale(hess: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """``G = sqrt(sigma)``, ``sigma = 1 / sqrt(ess (h + delta))``; the guide starts ``G`` there
-        for ``h = hess_init``."""
-        return (group["ess"] * (hess + group["weight_decay"])).rsqrt().sqrt()
 
     def hessian(self) -> torch.Tensor:
         """The current estimate ``h`` (``hess_init`` before the first step)."""
@@ -117,7 +116,7 @@ class IVONOptimizer(torch.optim.Optimizer):
         debias = 1.0 - b1 ** state["step"]
         direction = ((momentum / debias + wd * loc) / (hess + wd)).clamp(-group["clip_radius"], group["clip_radius"])
         loc.sub_(lr * direction)
-        root.copy_(self._root_scale(hess, group))
+        root.copy_(_root_scale(hess, group["ess"], wd))
 
 
 class IVONGuide(BLoBGuide):
@@ -145,7 +144,6 @@ class IVONGuide(BLoBGuide):
         self._prior_precision = gaussian_precision(model.prior, "IVON (its weight decay is the prior's precision)")
         self.hess_init, self.beta1, self.beta2 = hess_init, beta1, beta2
         self.clip_radius, self.rescale_lr = clip_radius, rescale_lr
-        self._optimizer: IVONOptimizer | None = None
 
     @property
     def ess(self) -> float:
@@ -167,15 +165,12 @@ class IVONGuide(BLoBGuide):
         guide being rebuilt, whose saved ``G`` replaces this) the prior's scale, every tempered IVON
         posterior's bound."""
         if self._ess is None and self.model.dataset_size is None:
-            sigma = self._prior_precision ** -0.5
-        else:
-            sigma = 1.0 / math.sqrt(self.ess * (self.hess_init + self.weight_decay))
-        return torch.full(shape, math.sqrt(sigma), device=device)
+            return torch.full(shape, self._prior_precision ** -0.25, device=device)
+        return _root_scale(torch.full(shape, self.hess_init, device=device), self.ess, self.weight_decay)
 
     def make_optimizer(self, lr: float) -> IVONOptimizer:
         """The optimiser of ``M`` and ``G`` (:class:`~pyro_llm.guides.roles.OwnsOptimizer`)."""
         M, G = self.flat_params()
-        self._optimizer = IVONOptimizer(M, G, lr=lr, ess=self.ess, hess_init=self.hess_init,
-                                        weight_decay=self.weight_decay, beta1=self.beta1, beta2=self.beta2,
-                                        clip_radius=self.clip_radius, rescale_lr=self.rescale_lr)
-        return self._optimizer
+        return IVONOptimizer(M, G, lr=lr, ess=self.ess, hess_init=self.hess_init, weight_decay=self.weight_decay,
+                             beta1=self.beta1, beta2=self.beta2, clip_radius=self.clip_radius,
+                             rescale_lr=self.rescale_lr)

@@ -171,8 +171,6 @@ class SVITrainer:
         if self._own_optimizer and config.split_kl:
             raise ValueError(f"{type(guide).__name__} updates its parameters with its own optimiser; split_kl "
                              "(the BLoB reference's second optimiser) does not apply to it")
-        self._rates: list[float] = []  # each optimiser's base learning rate, for a resumed run
-        self._main_adamw: torch.optim.Optimizer | None = None  # the means' and B's AdamW, if any
 
     # -- the loss ----------------------------------------------------------------------------------
     def _examples(self, batch: dict[str, torch.Tensor]) -> int:
@@ -221,29 +219,23 @@ class SVITrainer:
         roles = param_roles(self.guide, [store[n] for n in self.param_names])
         main, g_params = roles[LOC], roles[SCALE]
         cfg = self.config
-        self.optimizers, self._rates = [], []
+        self.optimizers = []
         if self._own_optimizer:  # the guide's optimiser takes its parameters at the run's learning rate
             own = self.guide.make_optimizer(cfg.lr)  # type: ignore[union-attr]
             owned = {id(p) for group in own.param_groups for p in group["params"]}
             main, g_params = [p for p in main if id(p) not in owned], [p for p in g_params if id(p) not in owned]
             self.optimizers.append(own)
-            self._rates.append(cfg.lr)
-        self._main_adamw = None
         if main or not self._own_optimizer:
-            self._main_adamw = _optimizer(torch.optim.AdamW, main, lr=cfg.lr, eps=cfg.adam_eps,
-                                          weight_decay=cfg.weight_decay)
-            self.optimizers.append(self._main_adamw)
-            self._rates.append(cfg.lr)
+            self.optimizers.append(_optimizer(torch.optim.AdamW, main, lr=cfg.lr, eps=cfg.adam_eps,
+                                              weight_decay=cfg.weight_decay))
         if cfg.split_kl:  # the reference's second optimiser: SGD on every parameter, for the KL's gradient
             self.optimizers.append(torch.optim.SGD(main + g_params, lr=cfg.g_lr))
-            self._rates.append(cfg.g_lr)
         elif g_params:
             if cfg.g_optimizer == "sgd":
                 self.optimizers.append(_optimizer(torch.optim.SGD, g_params, lr=cfg.g_lr))
             else:
                 self.optimizers.append(_optimizer(torch.optim.AdamW, g_params, lr=cfg.g_lr, eps=cfg.adam_eps,
                                                   weight_decay=0.0))
-            self._rates.append(cfg.g_lr)
         factor = warmup_decay(cfg.steps, cfg.warmup_ratio, cfg.decay)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
 
@@ -269,17 +261,19 @@ class SVITrainer:
         if len(state.get("optimizers", [])) != len(self.optimizers):
             raise ValueError(f"the checkpoint holds {len(state.get('optimizers', []))} optimiser states; this "
                              f"guide and configuration use {len(self.optimizers)}")
+        # this trainer's base rates and weight decays, as its optimisers were built, before the saved ones
+        current = [[(g["initial_lr"], g.get("weight_decay")) for g in o.param_groups] for o in self.optimizers]
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
-        for opt, sch, base in zip(self.optimizers, self.schedulers, self._rates):
-            sch.base_lrs = [base] * len(opt.param_groups)
-            for group, f in zip(opt.param_groups, sch.lr_lambdas):
+        for opt, sch, settings in zip(self.optimizers, self.schedulers, current):
+            sch.base_lrs = [base for base, _ in settings]
+            for group, f, (base, decay) in zip(opt.param_groups, sch.lr_lambdas, settings):
                 group["initial_lr"] = base
                 group["lr"] = base * f(sch.last_epoch)
-                if opt is self._main_adamw:
-                    group["weight_decay"] = self.config.weight_decay
+                if decay is not None:
+                    group["weight_decay"] = decay
 
     # -- several processes -------------------------------------------------------------------------
     def _local(self, index: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _params(run_dir):
     return load_file(str(run_dir / "guide.safetensors"))
 
 
-@pytest.mark.parametrize("guide", ["blob", "map"])
+@pytest.mark.parametrize("guide", ["blob", "map", "ivon"])  # ivon: its own optimiser's Hessian state too
 def test_resume_gives_the_uninterrupted_result(tiny_llama, tmp_path, guide):
     cfg = _cfg(tiny_llama, guide)
     train(cfg, tmp_path / "full", progress=False, evaluate_after=False)
