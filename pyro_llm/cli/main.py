@@ -217,7 +217,8 @@ def _temperature_option(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--split", default="test", type=click.Choice(["train", "validation", "test"]))
 @click.option("--samples", type=int, default=None, help="Weight samples N (default: the run's; 0: mean).")
 @click.option("--predictive", default=None, type=click.Choice(list(PREDICTIVES)),
-              help="Laplace runs: predictive to use (default: the run's).")
+              help="Laplace runs: predictive to use (default: the run's). SVI runs with a Gaussian guide: nn "
+                   "(the N-sample average, the default), glm or glm-mc (the guide's linearised predictive).")
 @click.option("--temperature", default=None, callback=_temperature_option,
               help="Temperature-scale the predictive: 'validation' fits T on the run's validation split, "
                    "a number fixes it.")

@@ -1,10 +1,20 @@
-"""The linearised (GLM) predictive of a Laplace guide.
+"""The linearised (GLM) predictive of a Gaussian guide: a Laplace guide, or a mean-field one.
 
 ``f(x) ~ N(f*(x), J Sigma J^T)`` with ``J`` the Jacobian of the answer logits with respect to the
-site weights at the MAP. Per site and class ``c``, ``J_c`` is the matrix ``G_c = sum_t g_ct a_t^T``
-(``d_out x d_in``) and, with ``G~ = Q_S^T G Q_A``,
+site weights at the guide's mean. Per site and class ``c``, ``J_c`` is the matrix
+``G_c = sum_t g_ct a_t^T`` (``d_out x d_in``). For a Laplace guide (K-FAC), with
+``G~ = Q_S^T G Q_A``,
 
     (J Sigma J^T)_{cc'} = sum_sites [ <G_c, G_c'>_F / lambda + sum_ij G~_c,ij G~_c',ij (1/(s_i a_j + lambda) - 1/lambda) ]
+
+For a mean-field guide (BLoB, IVON, Pyro's ``AutoNormal``: every guide that reports its per-entry
+scales ``sigma``, :func:`~pyro_llm.guides.ops.guide_scales`) ``Sigma`` is diagonal and
+
+    (J Sigma J^T)_{cc'} = sum_sites sum_ij sigma_ij^2 G_c,ij G_c',ij
+
+the linearised predictive of a variational posterior (Immer, Korzepa & Bauer 2021, who found it
+fixes the under-fitting of sampled BNN predictives for VI as for Laplace): the same posterior,
+pushed through the network's first-order expansion around its mean instead of through the network.
 
 With a head whose rows are its classes (a cloze head: one row per choice, each logit from its own
 row; ``Head.rows_are_classes``) all classes' gradients are one backward of the logits' sum, each
@@ -33,8 +43,10 @@ from .. import ranks
 from ..checks import check_int
 from ..data.collate import EncodedDataset
 from ..guides.laplace import LaplaceGuide
+from ..guides.ops import guide_median, guide_scales
+from ..models.model import BayesianLoRAModel
 
-__all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "probit_probs", "mc_probs"]
+__all__ = ["GLM_MAX_TOKENS", "glm_logit_moments", "linearised_predict", "probit_probs", "mc_probs"]
 
 #: The default bound on padded tokens in one GLM batch. The pass holds a batch's whole forward graph
 #: and its backward, so its memory grows with the tokens, not with the number of questions (a cloze
@@ -83,13 +95,75 @@ def _per_class_jacobians(logits: torch.Tensor, captured: list[tuple[torch.Tensor
     return jac
 
 
-def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
-                      batch_size: int = 4, max_tokens: int | None = GLM_MAX_TOKENS,
-                      progress: bool = True, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAP logits ``[N, C]`` and logit covariances ``[L, N, C, C]``, one per prior precision:
-    ``prior_precisions`` is a vector of ``L`` scalars or an ``L x sites`` matrix (default: the
-    guide's own). A batch holds at most ``batch_size`` rows and ``max_tokens`` padded tokens
-    (every choice of a cloze row counted; ``None``: no bound), which bounds the pass's memory.
+class _KroneckerCovariance:
+    """``J Sigma J^T`` of a Laplace guide's K-FAC blocks, site by site, at ``L`` prior precisions."""
+
+    def __init__(self, guide: LaplaceGuide, prior_precisions: torch.Tensor | None) -> None:
+        if prior_precisions is None:  # the guide's own: one row, scalar or per site
+            lams = guide.prior_precision.double().reshape(1, -1)
+        else:  # a vector is L scalar precisions; a matrix is L x sites
+            lams = prior_precisions.double()
+            lams = lams.reshape(-1, 1) if lams.dim() <= 1 else lams
+        n = len(guide.model.site_names)
+        self.guide, self.levels = guide, lams.shape[0]
+        self.site_lams = lams if lams.shape[1] == n else lams[:, :1].expand(-1, n)
+
+    def means(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.guide.median()
+
+    def __call__(self, i: int, name: str, G: torch.Tensor) -> torch.Tensor:
+        block = self.guide.blocks[name]
+        lam = self.site_lams[:, i].to(G.device)
+        Gt = block.project(G)
+        w = block.covariance_weights(lam)  # L x kS x kA
+        return (torch.einsum("bcoi,bdoi->bcd", G, G)[None] / lam[:, None, None, None]
+                + torch.einsum("bcij,bdij,lij->lbcd", Gt, Gt, w))
+
+
+class _DiagonalCovariance:
+    """``J Sigma J^T`` of a mean-field Gaussian guide: each site's entries independent, ``sigma^2``
+    their variances (one level: a variational guide has no prior precision to choose)."""
+
+    levels = 1
+
+    def __init__(self, guide: Any, variances: dict[str, torch.Tensor]) -> None:
+        self.guide, self.variances = guide, variances
+
+    def means(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in guide_median(self.guide, batch).items() if k in self.variances}
+
+    def __call__(self, i: int, name: str, G: torch.Tensor) -> torch.Tensor:
+        var = self.variances[name].to(G.device, torch.float64)
+        return torch.einsum("bcoi,bdoi->bcd", G, G * var)[None]
+
+
+def _covariance_of(guide: Any, prior_precisions: torch.Tensor | None,
+                   names: list[str]) -> _KroneckerCovariance | _DiagonalCovariance:
+    if isinstance(guide, LaplaceGuide):
+        return _KroneckerCovariance(guide, prior_precisions)
+    scales = guide_scales(guide)
+    if scales is None:
+        raise TypeError(f"the linearised predictive needs a Gaussian guide: a Laplace guide, or a mean-field one "
+                        f"that reports its scales (pyro_llm.guides.ReportsScales); {type(guide).__name__} is neither")
+    if prior_precisions is not None:
+        raise ValueError("prior_precisions applies to a Laplace guide; a variational guide's covariance is its own")
+    missing = [n for n in names if n not in scales]
+    if missing:
+        raise ValueError(f"the guide reports no scales for the sites {missing}: the linearised predictive needs "
+                         "every site's")
+    return _DiagonalCovariance(guide, {n: scales[n].detach().double().pow(2) for n in names})
+
+
+def glm_logit_moments(guide: Any, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
+                      model: BayesianLoRAModel | None = None, batch_size: int = 4,
+                      max_tokens: int | None = GLM_MAX_TOKENS, progress: bool = True,
+                      relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean logits ``[N, C]`` and logit covariances ``[L, N, C, C]`` of ``guide``'s linearised
+    predictive. A Laplace guide gives one covariance per prior precision: ``prior_precisions`` is
+    a vector of ``L`` scalars or an ``L x sites`` matrix (default: the guide's own); a mean-field
+    guide (one reporting its scales) gives its own (``L = 1``). ``model``: the guide's model
+    (default ``guide.model``). A batch holds at most ``batch_size`` rows and ``max_tokens`` padded
+    tokens (every choice of a cloze row counted; ``None``: no bound), which bounds the pass's memory.
 
     ``relative``: the covariances of the logits' differences from the first class a batch has
     (``f_c - f_r``; its row and column zero), all a predictive that is unchanged by adding one
@@ -98,14 +172,9 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
     work on two classes). A head whose rows are its classes returns its full covariances, which
     those predictives read the same, at no extra cost."""
     check_int("max_tokens", max_tokens, low=1, optional=True)
-    model = guide.model
-    if prior_precisions is None:  # the guide's own: one row, scalar or per site
-        lams = guide.prior_precision.double().reshape(1, -1)
-    else:  # a vector is L scalar precisions; a matrix is L x sites
-        lams = prior_precisions.double()
-        lams = lams.reshape(-1, 1) if lams.dim() <= 1 else lams
+    model = model if model is not None else guide.model
     names = model.site_names
-    site_lams = lams if lams.shape[1] == len(names) else lams[:, :1].expand(-1, len(names))
+    covariance = _covariance_of(guide, prior_precisions, names)
     device = model.device
     means, covs = [], []
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -118,10 +187,12 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
     rows_are_classes = bool(getattr(model.head, "rows_are_classes", False))
     batches = ranks.shard(data.by_length(batch_size, max_tokens))  # this rank's share (all, alone)
     handles = [s.module.register_forward_hook(hook(s.name)) for s in model.sites]
-    values = {k: v.detach().requires_grad_(True) for k, v in guide.median().items()}
+    values: dict[str, torch.Tensor] | None = None
     try:
         for idx in tqdm(batches, desc="glm", disable=not progress, leave=False):
             batch = data.batch(idx, device)
+            if values is None:  # the guide's means (a mean-field guide may need a batch to answer)
+                values = {k: v.detach().requires_grad_(True) for k, v in covariance.means(batch).items()}
             captured.clear()
             with torch.enable_grad():
                 logits = model.logits_at(batch, values)
@@ -134,16 +205,8 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
                 jacobians = _per_class_jacobians(logits, [captured[n] for n in names], active, rows_are_classes,
                                                  reference)
             B, C = logits.shape
-            Ca = len(active)
-            cov_a = torch.zeros(lams.shape[0], B, Ca, Ca, dtype=torch.float64, device=device)
-            for i, (name, G) in enumerate(zip(names, jacobians)):
-                block = guide.blocks[name]
-                Gt = block.project(G)
-                frob = torch.einsum("bcoi,bdoi->bcd", G, G)
-                w = block.covariance_weights(site_lams[:, i].to(device))  # L x kS x kA
-                cov_a += frob[None] / site_lams[:, i].to(device)[:, None, None, None]
-                cov_a += torch.einsum("bcij,bdij,lij->lbcd", Gt, Gt, w)
-            cov = torch.zeros(lams.shape[0], B, C, C, dtype=torch.float64, device=device)
+            cov_a = sum(covariance(i, name, G) for i, (name, G) in enumerate(zip(names, jacobians)))
+            cov = torch.zeros(covariance.levels, B, C, C, dtype=torch.float64, device=device)
             cov[:, :, active[:, None], active[None, :]] = cov_a
             means.append(logits.detach().double().cpu())
             covs.append(cov.transpose(0, 1).cpu())  # rows first
@@ -152,7 +215,7 @@ def glm_logit_moments(guide: LaplaceGuide, data: EncodedDataset, prior_precision
             h.remove()
     C = data.choice_mask.shape[1]
     mean = ranks.rows_across(batches, means, (len(data), C), torch.float64)
-    cov = ranks.rows_across(batches, covs, (len(data), lams.shape[0], C, C), torch.float64)
+    cov = ranks.rows_across(batches, covs, (len(data), covariance.levels, C, C), torch.float64)
     return mean, cov.transpose(0, 1)
 
 
@@ -184,3 +247,20 @@ def mc_probs(mean: torch.Tensor, cov: torch.Tensor, num_samples: int = 1000,
     eps = torch.randn(num_samples, *mean.shape, dtype=cov.dtype, generator=generator)
     f = mean + torch.einsum("...ij,s...j->s...i", chol, eps)
     return torch.softmax(f, -1).mean(0)
+
+
+def linearised_predict(guide: Any, data: EncodedDataset, *, mc_samples: int | None = None,
+                       model: BayesianLoRAModel | None = None, batch_size: int = 4,
+                       max_tokens: int | None = GLM_MAX_TOKENS, progress: bool = True) -> torch.Tensor:
+    """The linearised predictive's probabilities ``[N, C]`` (float32) under ``guide`` (its own
+    covariance: a Laplace guide's prior precision, a mean-field guide's scales): the probit of the
+    logits' differences, or with ``mc_samples`` Monte Carlo over the logits, its draws seeded from
+    the global generator. Both are unchanged by one offset on every logit, so the moments are
+    those of the differences (``relative``)."""
+    mean, cov = glm_logit_moments(guide, data, model=model, batch_size=batch_size, max_tokens=max_tokens,
+                                  progress=progress, relative=True)
+    if mc_samples is None:
+        return probit_probs(mean, cov[0]).float()
+    check_int("mc_samples", mc_samples, low=1)
+    gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from the seeded global generator
+    return mc_probs(mean, cov[0], mc_samples, gen).float()

@@ -29,7 +29,7 @@ import torch
 
 from ..data import TaskSpec, get_task
 from ..evaluation import predict_proba
-from ..evaluation.glm import glm_logit_moments, mc_probs, probit_probs
+from ..evaluation.glm import linearised_predict
 from ..guides import LaplaceGuide
 from ..infer.laplace import fit_laplace, tune_prior_precision
 from .. import ranks
@@ -88,13 +88,9 @@ class LaplaceRun:
                                  max_rows=self.config.eval.max_rows, progress=progress)
         if kind == "map":
             return predict_proba(self.model, self.guide, data, num_samples=0, progress=progress)
-        # both GLM predictives are unchanged by one offset on every logit: differences suffice
-        mean, cov = glm_logit_moments(self.guide, data, batch_size=self.config.eval.batch_size,
-                                      max_tokens=self.lconfig.glm_max_tokens, progress=progress, relative=True)
-        if kind == "glm":
-            return probit_probs(mean, cov[0]).float()
-        gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from the seeded global generator
-        return mc_probs(mean, cov[0], self.lconfig.mc_samples, gen).float()
+        return linearised_predict(self.guide, data, mc_samples=self.lconfig.mc_samples if kind == "glm-mc" else None,
+                                  batch_size=self.config.eval.batch_size, max_tokens=self.lconfig.glm_max_tokens,
+                                  progress=progress)
 
     def predictor(self, predictive: str | None = None, samples: int | None = None, seed: int | None = None,
                   progress: bool = True) -> tuple[Callable[[Any], torch.Tensor], dict[str, Any]]:

@@ -49,12 +49,16 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
         predict, facts = run.predictor(predictive, n, seed, progress)
         kind = facts["predictive"]
         return predict, f"{kind}{f'-n{n}' if kind == 'nn' else ''}-seed{seed}", facts
-    if predictive is not None:
-        which = "a zero-shot" if isinstance(run.config, ZeroShotConfig) else "an SVI"
-        raise ValueError(f"--predictive chooses among a Laplace run's predictives; {run.run_dir} is {which} run "
-                         "(an SVI run's predictive is the N-sample average: use --samples)")
     if isinstance(run.config, ZeroShotConfig):  # the base model: one deterministic pass
+        if predictive is not None:
+            raise ValueError(f"--predictive chooses among a trained run's predictives; {run.run_dir} is a zero-shot "
+                             "run (the base model's one pass)")
         return zero_shot_predictor(run, progress=progress), f"n0-seed{seed}", {"samples": 0, "seed": seed}
+    if predictive not in (None, "nn"):  # an SVI run's linearised predictive
+        if samples is not None:
+            raise ValueError(f"--samples applies to the N-sample predictive, not to --predictive {predictive}")
+        predict, _ = svi_predictor(run, seed=seed, progress=progress, predictive=predictive)
+        return predict, f"{predictive}-seed{seed}", {"predictive": predictive, "seed": seed}
     predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress)
     return predict, f"n{n}-seed{seed}", {"samples": n, "seed": seed}
 

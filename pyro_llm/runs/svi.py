@@ -13,7 +13,9 @@ from torch import distributed as dist
 from ..checks import check_int
 from ..data import EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..evaluation import Metrics, predict_proba
+from ..evaluation.glm import linearised_predict
 from ..guides import scale_summary, write_back_means
+from ..guides.ops import guide_scales
 from ..infer import SVITrainer, load_params, save_params
 from ..infer.checkpoint import find_checkpoint
 from ..io import atomic_write_json, read_json
@@ -24,7 +26,7 @@ from .config import SVIConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
 
-__all__ = ["evaluate_loaded", "load_svi_run", "svi_predictor", "train"]
+__all__ = ["GLM_MC_SAMPLES", "SVI_PREDICTIVES", "evaluate_loaded", "load_svi_run", "svi_predictor", "train"]
 
 
 def train(cfg: SVIConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -139,19 +141,44 @@ def load_svi_run(run_dir: str | Path, *, device: str | None = None, cache: str |
     return LoadedRun(model, guide, tok, cfg, task, run_dir)
 
 
+#: the predictives of an SVI run: weight samples through the network (the default), or the guide's
+#: linearised predictive (a Gaussian guide: its mean and scales)
+SVI_PREDICTIVES = ("nn", "glm", "glm-mc")
+#: logit draws of an SVI run's ``glm-mc`` predictive (a Laplace run's: ``laplace.mc_samples``)
+GLM_MC_SAMPLES = 1000
+
+
 def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | None = None, progress: bool = True,
-                  desc: str = "eval") -> tuple[Callable[[EncodedDataset], torch.Tensor], int]:
-    """``(predict, N)``: the run's N-sample predictive as ``predict(data) -> probs``, every call
-    drawing its weight samples from ``seed`` (default: the run's). A point guide predicts once
-    (``N = 0``), unless it was trained with LoRA dropout: then MC dropout with ``N`` samples."""
+                  desc: str = "eval", predictive: str = "nn") -> tuple[Callable[[EncodedDataset], torch.Tensor], int]:
+    """``(predict, N)``: the run's predictive as ``predict(data) -> probs``, every call drawing
+    from ``seed`` (default: the run's).
+
+    ``predictive="nn"``: the N-sample average over weight draws; a point guide predicts once
+    (``N = 0``), unless it was trained with LoRA dropout: then MC dropout with ``N`` samples.
+    ``"glm"`` / ``"glm-mc"``: the guide's linearised predictive (a mean-field Gaussian guide's
+    mean and scales, :func:`~pyro_llm.evaluation.glm.linearised_predict`), by the probit of the
+    logits' differences or by Monte Carlo over the logits (``N`` is then 0: no weight draws)."""
+    if predictive not in SVI_PREDICTIVES:
+        raise ValueError(f"an SVI run's predictive is one of {', '.join(SVI_PREDICTIVES)}; got {predictive!r}")
     cfg = run.config
+    seed = cfg.seed if seed is None else seed
+    if predictive != "nn":
+        if guide_scales(run.guide) is None:
+            raise ValueError(f"--predictive {predictive} needs a Gaussian guide that reports its scales; "
+                             f"{run.run_dir} was trained with --guide {cfg.guide.name}")
+
+        def linearised(data: EncodedDataset) -> torch.Tensor:
+            pyro.set_rng_seed(seed)
+            return linearised_predict(run.guide, data, model=run.model, batch_size=cfg.eval.batch_size,
+                                      mc_samples=GLM_MC_SAMPLES if predictive == "glm-mc" else None, progress=progress)
+
+        return linearised, 0
     n = cfg.eval.samples if samples is None else samples
     check_int("samples", n, low=0)
     point = GUIDES[cfg.guide.name].point
     mc_dropout = point and cfg.lora.dropout > 0 and n > 0  # MC dropout on the LoRA input
     if point and not mc_dropout:
         n = 0  # a point mass: every sample is the same network
-    seed = cfg.seed if seed is None else seed
 
     def predict(data: EncodedDataset) -> torch.Tensor:
         pyro.set_rng_seed(seed)
