@@ -10,6 +10,10 @@ Methods (every one a library feature selected by configuration, nothing written 
   own 5000 steps; batch 8 as the testbed (the cycle length M follows the batch).
 * ``blob-adam``: BLoB's guide with the MAP's recipe and its ``G`` trained by AdamW (lr 1e-2) under a
   tempered exact ELBO, the KL weight ``w`` chosen per seed on the validation NLL among ``W_GRID``.
+* ``blob-adam-ab``: the same over ``A`` and ``B`` (``B`` a site too, as Laplace-LoRA's posterior
+  covers both), its ``w`` chosen the same way.
+* ``<guide>-glm`` rows: a trained variational guide's linearised predictive (``evaluate --predictive
+  glm``: the logits' Gaussian ``N(f(x; M), J diag(sigma^2) J^T)``, probit), the same runs.
 * ``blob-cycles``: BLoB's guide with the MAP's recipe, the reference's ``2^i`` KL reweighting and
   two-optimiser update, its cycles fitted to the planned steps (``--kl-schedule blob-cycles``).
 * ``ivon``: :class:`~pyro_llm.guides.IVONGuide` over ``A`` and ``B`` (IVON's LoRA recipe applies it
@@ -96,6 +100,8 @@ def configs(seed: int) -> dict[str, SVIConfig]:
     for w in W_GRID:  # --preset blob-adam is w = 0.1
         out[f"blob-adam-w{w:g}"] = _variant(seed, guide={"name": "blob", "flipout": True},
                                             objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
+        out[f"blob-adam-ab-w{w:g}"] = _variant(seed, b_site=True, guide={"name": "blob", "flipout": True},
+                                               objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
     n = _train_size(seed)
     for e in ESS_GRID:  # IVON over A and B (its LoRA recipe), as the paper applies it to every LoRA matrix
         out[f"ivon-e{e:g}"] = _variant(seed, b_site=True, optim={"lr": IVON["lr"]},
@@ -111,14 +117,15 @@ def _train_size(seed: int) -> int:
                              fractions=cfg.data.split_fractions))
 
 
+#: methods whose setting is chosen per seed on the validation NLL: method -> (its runs' name prefix,
+#: the grid's label)
+CHOSEN = {"blob-adam": ("blob-adam-w", "KL weight"), "blob-adam-ab": ("blob-adam-ab-w", "KL weight"),
+          "ivon": ("ivon-e", "effective sample size / N")}
 #: ``--cells`` names -> the run names they train
 CELL_RUNS: dict[str, Callable[[str], bool]] = {
     "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
-    "blob-adam": lambda r: r.startswith("blob-adam-"), "ivon": lambda r: r.startswith("ivon-"),
+    **{m: (lambda r, p=prefix: r.startswith(p)) for m, (prefix, _) in CHOSEN.items()},
     "scale-search": lambda r: False}
-
-#: methods whose setting is chosen per seed on the validation NLL: run-name prefix -> the grid's label
-CHOSEN = {"blob-adam": "KL weight", "ivon": "effective sample size / N"}
 
 
 def _scale_search(map_dir: Path) -> None:
@@ -170,7 +177,7 @@ def run_cells(cells: list[str], seeds: list[int], root: Path) -> None:
         for name, cfg in configs(seed).items():
             if any(CELL_RUNS[c](name) for c in cells):
                 _train(cfg, root / f"seed{seed}" / name)
-                if name.startswith(tuple(f"{m}-" for m in CHOSEN)):
+                if name.startswith(tuple(prefix for prefix, _ in CHOSEN.values())):
                     _log(f"{name} seed {seed}: validation NLL {_validation_nll(root / f'seed{seed}' / name):.4f}")
 
 
@@ -197,13 +204,14 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
         for name in ("blob-ref", "blob-cycles"):
             if name in done:
                 methods[name] = (done[name], {})
-        for method, size in (("blob-adam", len(W_GRID)), ("ivon", len(ESS_GRID))):
-            grid = [n for n in done if n.startswith(f"{method}-")]
-            if len(grid) == size:
+        for method, (prefix, _) in CHOSEN.items():
+            grid = [n for n in done if n.startswith(prefix)]
+            if len(grid) == len(ESS_GRID if method == "ivon" else W_GRID):
                 pick = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
                 chosen[method][seed] = pick
                 methods[method] = (done[pick], {})
                 methods[f"{method}+ts"] = (done[pick], {"temperature": "validation"})
+                methods[f"{method}-glm"] = (done[pick], {"predictive": "glm"})
         for method, (run_dir, options) in methods.items():
             scored = _scored(run_dir, TASK, method, None, True, **options)
             if scored is not None:
@@ -224,7 +232,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
              "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict[str, Any] = {}
-    for method in ("map", "map+ts", "blob-ref", "blob-cycles", "blob-adam", "blob-adam+ts", "ivon", "ivon+ts",
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles", *(f"{m}{s}" for m in CHOSEN for s in ("", "+ts", "-glm")),
                    "scale-search"):
         if method not in rows:
             continue
@@ -241,11 +249,12 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
                      f"{_fmt([m['nll'] for m in ms], digits=3)} | {_fmt([m['brier'] for m in ms], digits=3)} | "
                      + " | ".join(cells) + " |")
         summary[method] = {"metrics": ms, "steps": steps, "train_seconds": secs}
-    for method, grid in (("blob-adam", W_GRID), ("ivon", ESS_GRID)):
+    for method, (prefix, label) in CHOSEN.items():
+        grid = ESS_GRID if method == "ivon" else W_GRID
         if chosen[method]:
-            lines += ["", f"{CHOSEN[method]} of {method} (chosen on validation NLL among "
+            lines += ["", f"{label} of {method} (chosen on validation NLL among "
                           f"{', '.join(f'{v:g}' for v in grid)}): "
-                      + ", ".join(f"seed {s}: {n.removeprefix(method + '-')}" for s, n in sorted(chosen[method].items()))]
+                      + ", ".join(f"seed {s}: {n.removeprefix(prefix)}" for s, n in sorted(chosen[method].items()))]
     if scales:
         lines += ["", "Scale chosen on validation NLL (scale-search; its seconds add the search to MAP's training): "
                   + ", ".join(f"seed {s}: {v:g}" for s, v in sorted(scales.items()))]
