@@ -34,7 +34,7 @@ Under several ranks each takes its share of the batches and all receive the whol
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -122,46 +122,57 @@ class _KroneckerCovariance:
 
 class _DiagonalCovariance:
     """``J Sigma J^T`` of a mean-field Gaussian guide: each site's entries independent, ``sigma^2``
-    their variances (one level: a variational guide has no prior precision to choose)."""
+    their variances, one level per set of variances (the guide's own, or others given)."""
 
-    levels = 1
-
-    def __init__(self, guide: Any, variances: dict[str, torch.Tensor]) -> None:
-        self.guide, self.variances = guide, variances
+    def __init__(self, guide: Any, variances: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        self.guide, self.variances, self.levels = guide, variances, len(variances)
 
     def means(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in guide_median(self.guide, batch).items() if k in self.variances}
+        return {k: v for k, v in guide_median(self.guide, batch).items() if k in self.variances[0]}
 
     def __call__(self, i: int, name: str, G: torch.Tensor) -> torch.Tensor:
-        var = self.variances[name].to(G.device, torch.float64)
-        return torch.einsum("bcoi,bdoi->bcd", G, G * var)[None]
+        var = torch.stack([v[name] for v in self.variances]).to(G.device, torch.float64)  # L x d_out x d_in
+        return torch.einsum("bcoi,bdoi,loi->lbcd", G, G, var)
 
 
-def _covariance_of(guide: Any, prior_precisions: torch.Tensor | None,
-                   names: list[str]) -> _KroneckerCovariance | _DiagonalCovariance:
+def _covariance_of(guide: Any, prior_precisions: torch.Tensor | None, names: list[str],
+                   variances: Sequence[Mapping[str, torch.Tensor]] | None
+                   ) -> _KroneckerCovariance | _DiagonalCovariance:
     if isinstance(guide, LaplaceGuide):
+        if variances is not None:
+            raise ValueError("variances apply to a mean-field guide; a Laplace guide's covariance is its K-FAC "
+                             "posterior's (choose its prior_precisions)")
         return _KroneckerCovariance(guide, prior_precisions)
-    scales = guide_scales(guide)
-    if scales is None:
-        raise TypeError(f"the linearised predictive needs a Gaussian guide: a Laplace guide, or a mean-field one "
-                        f"that reports its scales (pyro_llm.guides.ReportsScales); {type(guide).__name__} is neither")
     if prior_precisions is not None:
-        raise ValueError("prior_precisions applies to a Laplace guide; a variational guide's covariance is its own")
-    missing = [n for n in names if n not in scales]
-    if missing:
-        raise ValueError(f"the guide reports no scales for the sites {missing}: the linearised predictive needs "
-                         "every site's")
-    return _DiagonalCovariance(guide, {n: scales[n].detach().double().pow(2) for n in names})
+        raise ValueError("prior_precisions applies to a Laplace guide; a variational guide's covariance is its own "
+                         "(or variances given: pyro_llm.infer.reprior)")
+    if variances is None:
+        scales = guide_scales(guide)
+        if scales is None:
+            raise TypeError(f"the linearised predictive needs a Gaussian guide: a Laplace guide, or a mean-field one "
+                            f"that reports its scales (pyro_llm.guides.ReportsScales); {type(guide).__name__} is "
+                            "neither")
+        variances = [{n: s.detach().double().pow(2) for n, s in scales.items()}]
+    if not variances:
+        raise ValueError("variances must hold at least one set of per-site variances")
+    for v in variances:
+        missing = [n for n in names if n not in v]
+        if missing:
+            raise ValueError(f"no variances for the sites {missing}: the linearised predictive needs every site's")
+    return _DiagonalCovariance(guide, variances)
 
 
 def glm_logit_moments(guide: Any, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
+                      variances: Sequence[Mapping[str, torch.Tensor]] | None = None,
                       model: BayesianLoRAModel | None = None, batch_size: int = 4,
                       max_tokens: int | None = GLM_MAX_TOKENS, progress: bool = True,
                       relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean logits ``[N, C]`` and logit covariances ``[L, N, C, C]`` of ``guide``'s linearised
     predictive. A Laplace guide gives one covariance per prior precision: ``prior_precisions`` is
     a vector of ``L`` scalars or an ``L x sites`` matrix (default: the guide's own); a mean-field
-    guide (one reporting its scales) gives its own (``L = 1``). ``model``: the guide's model
+    guide (one reporting its scales) gives its own (``L = 1``), or one per set of per-site
+    ``variances`` given (``L`` sets of ``sigma^2``, e.g. the guide under other priors,
+    :mod:`pyro_llm.infer.reprior`), its means unchanged. ``model``: the guide's model
     (default ``guide.model``). A batch holds at most ``batch_size`` rows and ``max_tokens`` padded
     tokens (every choice of a cloze row counted; ``None``: no bound), which bounds the pass's memory.
 
@@ -174,7 +185,7 @@ def glm_logit_moments(guide: Any, data: EncodedDataset, prior_precisions: torch.
     check_int("max_tokens", max_tokens, low=1, optional=True)
     model = model if model is not None else guide.model
     names = model.site_names
-    covariance = _covariance_of(guide, prior_precisions, names)
+    covariance = _covariance_of(guide, prior_precisions, names, variances)
     device = model.device
     means, covs = [], []
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
