@@ -13,7 +13,9 @@ Methods (every one a library feature selected by configuration, nothing written 
 * ``blob-adam-ab``: the same over ``A`` and ``B`` (``B`` a site too, as Laplace-LoRA's posterior
   covers both), its ``w`` chosen the same way.
 * ``<guide>-glm`` rows: a trained variational guide's linearised predictive (``evaluate --predictive
-  glm``: the logits' Gaussian ``N(f(x; M), J diag(sigma^2) J^T)``, probit), the same runs.
+  glm``: the logits' Gaussian ``N(f(x; M), J diag(sigma^2) J^T)``, probit), the same runs;
+  ``<guide>-glm-val``: the same guide read under the Gaussian prior whose precision the validation
+  NLL chooses (``--prior-precision validation``, :mod:`pyro_llm.infer.reprior`).
 * ``blob-cycles``: BLoB's guide with the MAP's recipe, the reference's ``2^i`` KL reweighting and
   two-optimiser update, its cycles fitted to the planned steps (``--kl-schedule blob-cycles``).
 * ``ivon``: :class:`~pyro_llm.guides.IVONGuide` over ``A`` and ``B`` (IVON's LoRA recipe applies it
@@ -64,6 +66,8 @@ TESTBEDS: dict[str, tuple[dict[str, Any], str, str]] = {
                                                          "questions)")}
 TESTBED, TASK, DESCRIPTION = TESTBEDS["smollm2"]
 W_GRID = (1.0, 0.1, 0.01)
+#: the KL weights of the A-and-B guide (``--ab-weights``; default: ``W_GRID``)
+AB_W_GRID = W_GRID
 #: IVON's effective sample sizes, as multiples of the training set's size N (1: the posterior itself)
 ESS_GRID = (1.0, 10.0, 100.0)
 #: IVON's recipe for the testbed's budget (its scales set by its Hessian estimate; see the docs)
@@ -100,6 +104,7 @@ def configs(seed: int) -> dict[str, SVIConfig]:
     for w in W_GRID:  # --preset blob-adam is w = 0.1
         out[f"blob-adam-w{w:g}"] = _variant(seed, guide={"name": "blob", "flipout": True},
                                             objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
+    for w in AB_W_GRID:
         out[f"blob-adam-ab-w{w:g}"] = _variant(seed, b_site=True, guide={"name": "blob", "flipout": True},
                                                objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
     n = _train_size(seed)
@@ -108,6 +113,11 @@ def configs(seed: int) -> dict[str, SVIConfig]:
                                        guide={"name": "ivon", "ivon_ess": e * n, "ivon_hess_init": IVON["hess_init"],
                                               "ivon_beta2": IVON["beta2"]})
     return out
+
+
+def _grid(method: str) -> tuple[float, ...]:
+    """The values a chosen method's runs are trained at."""
+    return {"blob-adam": W_GRID, "blob-adam-ab": AB_W_GRID, "ivon": ESS_GRID}[method]
 
 
 def _train_size(seed: int) -> int:
@@ -121,6 +131,13 @@ def _train_size(seed: int) -> int:
 #: the grid's label)
 CHOSEN = {"blob-adam": ("blob-adam-w", "KL weight"), "blob-adam-ab": ("blob-adam-ab-w", "KL weight"),
           "ivon": ("ivon-e", "effective sample size / N")}
+#: each chosen guide's rows: its N-sample predictive (""), temperature-scaled ("+ts"), linearised
+#: ("-glm"), linearised under the prior precision chosen on validation ("-glm-val"); evaluate's options
+ROWS: dict[str, dict[str, Any]] = {"": {}, "+ts": {"temperature": "validation"}, "-glm": {"predictive": "glm"},
+                                   "-glm-val": {"predictive": "glm", "prior_precision": "validation"}}
+#: the rows of the A-and-B guide: its linearised predictives only (weight draws of B through the
+#: network, N = 10 passes, are what a linearised pass replaces)
+METHOD_ROWS = {"blob-adam": tuple(ROWS), "blob-adam-ab": ("-glm", "-glm-val"), "ivon": ("", "+ts", "-glm")}
 #: ``--cells`` names -> the run names they train
 CELL_RUNS: dict[str, Callable[[str], bool]] = {
     "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
@@ -206,12 +223,11 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
                 methods[name] = (done[name], {})
         for method, (prefix, _) in CHOSEN.items():
             grid = [n for n in done if n.startswith(prefix)]
-            if len(grid) == len(ESS_GRID if method == "ivon" else W_GRID):
+            if len(grid) == len(_grid(method)):
                 pick = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
                 chosen[method][seed] = pick
-                methods[method] = (done[pick], {})
-                methods[f"{method}+ts"] = (done[pick], {"temperature": "validation"})
-                methods[f"{method}-glm"] = (done[pick], {"predictive": "glm"})
+                for row in METHOD_ROWS[method]:
+                    methods[f"{method}{row}"] = (done[pick], ROWS[row])
         for method, (run_dir, options) in methods.items():
             scored = _scored(run_dir, TASK, method, None, True, **options)
             if scored is not None:
@@ -232,7 +248,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
              "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict[str, Any] = {}
-    for method in ("map", "map+ts", "blob-ref", "blob-cycles", *(f"{m}{s}" for m in CHOSEN for s in ("", "+ts", "-glm")),
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles", *(f"{m}{r}" for m in CHOSEN for r in METHOD_ROWS[m]),
                    "scale-search"):
         if method not in rows:
             continue
@@ -250,7 +266,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
                      + " | ".join(cells) + " |")
         summary[method] = {"metrics": ms, "steps": steps, "train_seconds": secs}
     for method, (prefix, label) in CHOSEN.items():
-        grid = ESS_GRID if method == "ivon" else W_GRID
+        grid = _grid(method)
         if chosen[method]:
             lines += ["", f"{label} of {method} (chosen on validation NLL among "
                           f"{', '.join(f'{v:g}' for v in grid)}): "
@@ -302,13 +318,16 @@ def main() -> None:
     ap.add_argument("--testbed", choices=sorted(TESTBEDS), default="smollm2")
     ap.add_argument("--weights", type=float, nargs="+", default=None,
                     help="the KL weights blob-adam chooses among on validation NLL (default: 1, 0.1, 0.01)")
+    ap.add_argument("--ab-weights", type=float, nargs="+", default=None,
+                    help="the KL weights blob-adam-ab chooses among (default: --weights)")
     ap.add_argument("--ess", type=float, nargs="+", default=None,
                     help="the effective sample sizes (multiples of N) ivon chooses among on validation NLL "
                          "(default: 1, 10, 100)")
     args = ap.parse_args()
-    global TESTBED, TASK, DESCRIPTION, W_GRID, ESS_GRID
+    global TESTBED, TASK, DESCRIPTION, W_GRID, AB_W_GRID, ESS_GRID
     TESTBED, TASK, DESCRIPTION = TESTBEDS[args.testbed]
     W_GRID = tuple(args.weights) if args.weights else W_GRID
+    AB_W_GRID = tuple(args.ab_weights) if args.ab_weights else W_GRID
     ESS_GRID = tuple(args.ess) if args.ess else ESS_GRID
     root = Path(args.runs_dir)
     if not args.tables:

@@ -198,7 +198,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
                    f"Brier {m['brier']:.4f}  (n={m['n']})")
 
 
-def _temperature_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | float | None:
+def _validation_or_positive(ctx: click.Context, param: click.Parameter, value: str | None) -> str | float | None:
     if value is None or value == "validation":
         return value
     try:
@@ -219,9 +219,12 @@ def _temperature_option(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--predictive", default=None, type=click.Choice(list(PREDICTIVES)),
               help="Laplace runs: predictive to use (default: the run's). SVI runs with a Gaussian guide: nn "
                    "(the N-sample average, the default), glm or glm-mc (the guide's linearised predictive).")
-@click.option("--temperature", default=None, callback=_temperature_option,
+@click.option("--temperature", default=None, callback=_validation_or_positive,
               help="Temperature-scale the predictive: 'validation' fits T on the run's validation split, "
                    "a number fixes it.")
+@click.option("--prior-precision", "prior_precision", default=None, callback=_validation_or_positive,
+              help="SVI runs, --predictive glm or glm-mc: read the guide under the Gaussian prior of this "
+                   "precision ('validation': chosen by the validation NLL), its means kept.")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the split.")
 @click.option("--seed", type=int, default=None, help="Seed of every random draw (default: the run's).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -229,16 +232,17 @@ def _temperature_option(ctx: click.Context, param: click.Parameter, value: str |
 @click.option("--device", default=None)
 @click.option("--cache-dir", default=None)
 def evaluate(run_dirs: tuple[Path, ...], tasks_: tuple[str, ...], split: str, samples: int | None,
-             predictive: str | None, temperature: str | float | None, limit: int | None, seed: int | None,
-             out: Path | None, device: str | None, cache_dir: str | None) -> None:
+             predictive: str | None, temperature: str | float | None, prior_precision: str | float | None,
+             limit: int | None, seed: int | None, out: Path | None, device: str | None, cache_dir: str | None) -> None:
     """Evaluate saved runs in and out of distribution. One RUN_DIR: results go to its metrics.json
     under <task>/<split>/evaluate-<options>, beside (never over) the metrics of training. Several:
     their ensemble (predictive probabilities averaged), written to --out if given."""
     from ..runs import evaluate as run_evaluate, evaluate_ensemble
 
     if len(run_dirs) > 1:
-        if predictive is not None or temperature is not None:
-            raise click.UsageError("--predictive and --temperature apply to one run, not to an ensemble")
+        if predictive is not None or temperature is not None or prior_precision is not None:
+            raise click.UsageError("--predictive, --prior-precision and --temperature apply to one run, not to an "
+                                   "ensemble")
         for task in tasks_ or (None,):
             m = evaluate_ensemble(run_dirs, task, split=split, samples=samples, limit=limit, device=device,
                                   cache=cache_dir, seed=seed, out=out)
@@ -248,7 +252,8 @@ def evaluate(run_dirs: tuple[Path, ...], tasks_: tuple[str, ...], split: str, sa
         raise click.UsageError("--out is for ensembles; a single run records its results in its metrics.json")
     for task in tasks_ or (None,):
         m = run_evaluate(run_dirs[0], task, split=split, samples=samples, limit=limit, device=device,
-                         cache=cache_dir, predictive=predictive, seed=seed, temperature=temperature)
+                         cache=cache_dir, predictive=predictive, seed=seed, temperature=temperature,
+                         prior_precision=prior_precision)
         click.echo(f"{task or _own_task(run_dirs[0])}/{split}: {m.summary()}")
 
 

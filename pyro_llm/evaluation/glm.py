@@ -261,15 +261,16 @@ def mc_probs(mean: torch.Tensor, cov: torch.Tensor, num_samples: int = 1000,
 
 
 def linearised_predict(guide: Any, data: EncodedDataset, *, mc_samples: int | None = None,
+                       variances: Sequence[Mapping[str, torch.Tensor]] | None = None,
                        model: BayesianLoRAModel | None = None, batch_size: int = 4,
                        max_tokens: int | None = GLM_MAX_TOKENS, progress: bool = True) -> torch.Tensor:
     """The linearised predictive's probabilities ``[N, C]`` (float32) under ``guide`` (its own
-    covariance: a Laplace guide's prior precision, a mean-field guide's scales): the probit of the
-    logits' differences, or with ``mc_samples`` Monte Carlo over the logits, its draws seeded from
-    the global generator. Both are unchanged by one offset on every logit, so the moments are
-    those of the differences (``relative``)."""
-    mean, cov = glm_logit_moments(guide, data, model=model, batch_size=batch_size, max_tokens=max_tokens,
-                                  progress=progress, relative=True)
+    covariance: a Laplace guide's prior precision, a mean-field guide's scales or one set of
+    ``variances`` given): the probit of the logits' differences, or with ``mc_samples`` Monte
+    Carlo over the logits, its draws seeded from the global generator. Both are unchanged by one
+    offset on every logit, so the moments are those of the differences (``relative``)."""
+    mean, cov = glm_logit_moments(guide, data, variances=variances, model=model, batch_size=batch_size,
+                                  max_tokens=max_tokens, progress=progress, relative=True)
     if mc_samples is None:
         return probit_probs(mean, cov[0]).float()
     check_int("mc_samples", mc_samples, low=1)

@@ -22,6 +22,7 @@ reads a ``d`` between its start's and its balance's.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -87,4 +88,7 @@ def search_prior_precision(guide: Any, validation: EncodedDataset, trained_preci
     nll = {lam: float(-probit_probs(mean, c).gather(1, labels).clamp_min(1e-12).log().mean())
            for lam, c in zip(points, cov)}
     best = min(nll, key=nll.__getitem__)
+    if len(points) > 1 and best in (points[0], points[-1]):
+        warnings.warn(f"the validation NLL is lowest at the grid's {'smallest' if best == points[0] else 'largest'} "
+                      f"prior precision ({best:g}); it may fall further beyond the grid", stacklevel=2)
     return PriorSearch(best, float(trained_precision), nll, sets[points.index(best)])

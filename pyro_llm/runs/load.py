@@ -16,7 +16,7 @@ from ..io import CorruptFileError, atomic_write_json, read_json
 from .common import (LoadedRun, evaluation_limit, load_split, read_config, recorded_predictions, retarget_head,
                      run_config_of, score)
 from .laplace import LaplaceRun, load_laplace_run
-from .svi import load_svi_run, svi_predictor
+from .svi import SVI_PREDICTIVES, linearised_predictor, load_svi_run, svi_predictor
 from .config import ZeroShotConfig
 from .zero_shot import load_zero_shot_run, zero_shot_predictor
 
@@ -37,12 +37,15 @@ def load_run(run_dir: str | Path, *, device: str | None = None, cache: str | Non
 
 
 def predictor(run: Run, *, samples: int | None = None, predictive: str | None = None, seed: int | None = None,
-              progress: bool = True) -> tuple[Predict, str, dict[str, Any]]:
+              prior_precision: str | float | None = None, progress: bool = True) -> tuple[Predict, str, dict[str, Any]]:
     """``(predict, tag, facts)``: the run's predictive as ``predict(data) -> probs`` (reproducible:
     every call draws from ``seed``, default the run's), a tag naming its options, and the facts
     to record beside its metrics."""
     check_int("seed", seed, low=0, high=MAX_SEED, optional=True)
     seed = run.config.seed if seed is None else seed
+    if prior_precision is not None and (isinstance(run, LaplaceRun) or predictive in (None, "nn")):
+        raise ValueError("--prior-precision reads an SVI run's guide under another prior, for its linearised "
+                         "predictive (--predictive glm or glm-mc); a Laplace run's is chosen by `pyro-llm laplace`")
     if isinstance(run, LaplaceRun):
         n = run.config.eval.samples if samples is None else samples
         check_int("samples", n, low=0)
@@ -54,11 +57,15 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
             raise ValueError(f"--predictive chooses among a trained run's predictives; {run.run_dir} is a zero-shot "
                              "run (the base model's one pass)")
         return zero_shot_predictor(run, progress=progress), f"n0-seed{seed}", {"samples": 0, "seed": seed}
+    if predictive not in (None, *SVI_PREDICTIVES):
+        raise ValueError(f"an SVI run's predictive is one of {', '.join(SVI_PREDICTIVES)}; got {predictive!r}")
     if predictive not in (None, "nn"):  # an SVI run's linearised predictive
         if samples is not None:
             raise ValueError(f"--samples applies to the N-sample predictive, not to --predictive {predictive}")
-        predict, _ = svi_predictor(run, seed=seed, progress=progress, predictive=predictive)
-        return predict, f"{predictive}-seed{seed}", {"predictive": predictive, "seed": seed}
+        predict, facts = linearised_predictor(run, predictive=predictive, prior_precision=prior_precision, seed=seed,
+                                              progress=progress)
+        prior = "" if prior_precision is None else f"-prior{'val' if prior_precision == 'validation' else f'{float(prior_precision):g}'}"
+        return predict, f"{predictive}{prior}-seed{seed}", facts
     predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress)
     return predict, f"n{n}-seed{seed}", {"samples": n, "seed": seed}
 
@@ -95,9 +102,12 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
              limit: int | None = None, device: str | None = None, progress: bool = True,
              cache: str | None = None, predictive: str | None = None, seed: int | None = None,
              temperature: str | float | None = None, validation_limit: int | None = None,
-             record_as: str | None = None) -> Metrics:
+             prior_precision: str | float | None = None, record_as: str | None = None) -> Metrics:
     """Evaluate a saved run (SVI, Laplace or zero-shot) on ``task`` (default: its training task).
 
+    :param prior_precision: with ``predictive`` ``"glm"``/``"glm-mc"`` on an SVI run, its guide read
+        under the Gaussian prior of this precision, or ``"validation"``: chosen on the run's
+        validation split (:func:`~pyro_llm.runs.svi.linearised_predictor`).
     :param temperature: ``"validation"`` fits ``T`` (:func:`~pyro_llm.evaluation.fit_temperature_to_probs`)
         on the run's own task's validation split (a seeded subset of ``validation_limit`` examples, or
         all of it), a number fixes it; the predictive is then ``p^(1/T)``, applied to the predictions an
@@ -118,7 +128,8 @@ def evaluate(run_dir: str | Path, task: str | None = None, *, split: str = "test
     spec = get_task(task) if task else run.task
     given = limit
     limit = evaluation_limit(run.config, limit)  # the examples read, recorded and reused
-    predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed, progress=progress)
+    predict, tag, facts = predictor(run, samples=samples, predictive=predictive, seed=seed,
+                                    prior_precision=prior_precision, progress=progress)
     if given is not None and given != run.config.data.test_limit:  # other examples: their own entry
         tag += f"-limit{given}"
     if temperature is not None:

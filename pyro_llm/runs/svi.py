@@ -10,13 +10,15 @@ import pyro
 import torch
 from torch import distributed as dist
 
-from ..checks import check_int
+from ..checks import check_int, check_real
 from ..data import EncodedDataset, TaskSpec, encode_examples, get_task, load_examples
 from ..evaluation import Metrics, predict_proba
 from ..evaluation.glm import linearised_predict
 from ..guides import scale_summary, write_back_means
 from ..guides.ops import guide_scales
 from ..infer import SVITrainer, load_params, save_params
+from ..infer.reprior import data_precisions, search_prior_precision, variances_at
+from ..priors import gaussian_precision
 from ..infer.checkpoint import find_checkpoint
 from ..io import atomic_write_json, read_json
 from ..models import lora_dropout_active
@@ -26,7 +28,8 @@ from .config import SVIConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
 
-__all__ = ["GLM_MC_SAMPLES", "SVI_PREDICTIVES", "evaluate_loaded", "load_svi_run", "svi_predictor", "train"]
+__all__ = ["GLM_MC_SAMPLES", "SVI_PREDICTIVES", "evaluate_loaded", "linearised_predictor", "load_svi_run", "svi_predictor",
+           "train"]
 
 
 def train(cfg: SVIConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -149,36 +152,18 @@ GLM_MC_SAMPLES = 1000
 
 
 def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | None = None, progress: bool = True,
-                  desc: str = "eval", predictive: str = "nn") -> tuple[Callable[[EncodedDataset], torch.Tensor], int]:
-    """``(predict, N)``: the run's predictive as ``predict(data) -> probs``, every call drawing
-    from ``seed`` (default: the run's).
-
-    ``predictive="nn"``: the N-sample average over weight draws; a point guide predicts once
-    (``N = 0``), unless it was trained with LoRA dropout: then MC dropout with ``N`` samples.
-    ``"glm"`` / ``"glm-mc"``: the guide's linearised predictive (a mean-field Gaussian guide's
-    mean and scales, :func:`~pyro_llm.evaluation.glm.linearised_predict`), by the probit of the
-    logits' differences or by Monte Carlo over the logits (``N`` is then 0: no weight draws)."""
-    if predictive not in SVI_PREDICTIVES:
-        raise ValueError(f"an SVI run's predictive is one of {', '.join(SVI_PREDICTIVES)}; got {predictive!r}")
+                  desc: str = "eval") -> tuple[Callable[[EncodedDataset], torch.Tensor], int]:
+    """``(predict, N)``: the run's N-sample predictive as ``predict(data) -> probs``, every call
+    drawing its weight samples from ``seed`` (default: the run's). A point guide predicts once
+    (``N = 0``), unless it was trained with LoRA dropout: then MC dropout with ``N`` samples."""
     cfg = run.config
-    seed = cfg.seed if seed is None else seed
-    if predictive != "nn":
-        if guide_scales(run.guide) is None:
-            raise ValueError(f"--predictive {predictive} needs a Gaussian guide that reports its scales; "
-                             f"{run.run_dir} was trained with --guide {cfg.guide.name}")
-
-        def linearised(data: EncodedDataset) -> torch.Tensor:
-            pyro.set_rng_seed(seed)
-            return linearised_predict(run.guide, data, model=run.model, batch_size=cfg.eval.batch_size,
-                                      mc_samples=GLM_MC_SAMPLES if predictive == "glm-mc" else None, progress=progress)
-
-        return linearised, 0
     n = cfg.eval.samples if samples is None else samples
     check_int("samples", n, low=0)
     point = GUIDES[cfg.guide.name].point
     mc_dropout = point and cfg.lora.dropout > 0 and n > 0  # MC dropout on the LoRA input
     if point and not mc_dropout:
         n = 0  # a point mass: every sample is the same network
+    seed = cfg.seed if seed is None else seed
 
     def predict(data: EncodedDataset) -> torch.Tensor:
         pyro.set_rng_seed(seed)
@@ -188,6 +173,50 @@ def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | Non
                                  resample_guide=not mc_dropout, flipout=cfg.eval.flipout and bool(cfg.guide.flipout))
 
     return predict, n
+
+
+def linearised_predictor(run: LoadedRun, *, predictive: str = "glm", prior_precision: str | float | None = None,
+                         seed: int | None = None, progress: bool = True
+                         ) -> tuple[Callable[[EncodedDataset], torch.Tensor], dict[str, Any]]:
+    """``(predict, facts)``: the linearised predictive of the run's mean-field Gaussian guide
+    (:func:`~pyro_llm.evaluation.glm.linearised_predict`: ``"glm"`` the probit of the logits'
+    differences, ``"glm-mc"`` Monte Carlo over the logits, drawn from ``seed``), and the facts to
+    record beside it.
+
+    ``prior_precision``: the guide read under another Gaussian prior (:mod:`pyro_llm.infer.reprior`),
+    a number, or ``"validation"``: chosen now by the linearised predictive's NLL on the run's own
+    validation split (the choice and its grid among the facts); ``None``: the guide as trained."""
+    if predictive not in SVI_PREDICTIVES[1:]:
+        raise ValueError(f"a linearised predictive is one of {', '.join(SVI_PREDICTIVES[1:])}; got {predictive!r}")
+    cfg = run.config
+    seed = cfg.seed if seed is None else seed
+    scales = guide_scales(run.guide)
+    if scales is None:
+        raise ValueError(f"--predictive {predictive} needs a Gaussian guide that reports its scales; "
+                         f"{run.run_dir} was trained with --guide {cfg.guide.name}")
+    facts: dict[str, Any] = {"predictive": predictive, "seed": seed}
+    variances = None
+    if prior_precision is not None:
+        trained = gaussian_precision(run.model.prior, "reading the guide under another prior")
+        if prior_precision == "validation":
+            validation = load_split(cfg, run.task, "validation", run.tokenizer, None)
+            found = search_prior_precision(run.guide, validation, trained, model=run.model,
+                                           batch_size=cfg.eval.batch_size, progress=progress)
+            lam = found.prior_precision
+            facts["validation_nll"] = {f"{k:g}": v for k, v in found.validation_nll.items()}
+        else:
+            lam = float(prior_precision)
+            check_real("prior_precision", lam, low=0, low_open=True)
+        facts.update(prior_precision=prior_precision, chosen_prior_precision=lam, trained_prior_precision=trained)
+        variances = [variances_at(data_precisions(scales, trained), lam)]
+
+    def predict(data: EncodedDataset) -> torch.Tensor:
+        pyro.set_rng_seed(seed)
+        return linearised_predict(run.guide, data, model=run.model, batch_size=cfg.eval.batch_size,
+                                  variances=variances, progress=progress,
+                                  mc_samples=GLM_MC_SAMPLES if predictive == "glm-mc" else None)
+
+    return predict, facts
 
 
 def evaluate_loaded(run: LoadedRun, task: TaskSpec, *, split: str = "test", samples: int | None = None,

@@ -12,7 +12,8 @@ from pyro_llm.data import EncodedDataset
 from pyro_llm.evaluation.glm import glm_logit_moments, linearised_predict, probit_probs
 from pyro_llm.guides import BLoBGuide
 from pyro_llm.guides.ops import guide_median, guide_scales
-from pyro_llm.evaluation import predict_proba
+from pyro_llm.evaluation import compute_metrics, predict_proba
+from pyro_llm.infer import data_precisions, variances_at
 from pyro_llm.runs import SVIConfig, evaluate, load_run, load_split, train
 from linear_models import laplace_model_of
 
@@ -99,6 +100,19 @@ def test_an_svi_run_evaluates_its_guides_linearised_predictive(tiny_llama, tmp_p
     torch.testing.assert_close(linearised_predict(run.guide, data, model=run.model, progress=False),
                                predict_proba(run.model, run.guide, data, num_samples=0, progress=False),
                                rtol=1e-4, atol=1e-5)
+    # the guide under another prior: the trained one's precision gives the guide's own predictive back;
+    # the validation's choice is recorded with its grid, and predicts with its variances
+    same = evaluate(tmp_path / "blob", predictive="glm", prior_precision=25.0, progress=False)  # N(0, 0.2^2)
+    assert same.nll == pytest.approx(glm.nll, rel=1e-5)
+    chosen = evaluate(tmp_path / "blob", predictive="glm", prior_precision="validation", progress=False)
+    entry = json.loads((tmp_path / "blob" / "metrics.json").read_text())["arc-easy/test/evaluate-glm-priorval-seed0"]
+    lam = entry["chosen_prior_precision"]
+    assert entry["trained_prior_precision"] == pytest.approx(25.0) and f"{lam:g}" in entry["validation_nll"]
+    assert entry["nll"] == pytest.approx(chosen.nll)
+    run = load_run(tmp_path / "blob")
+    d = data_precisions(guide_scales(run.guide), 25.0)
+    probs = linearised_predict(run.guide, data, model=run.model, variances=[variances_at(d, lam)], progress=False)
+    assert compute_metrics(probs, data.labels).nll == pytest.approx(chosen.nll, rel=1e-5)
     mc = evaluate(tmp_path / "blob", predictive="glm-mc", progress=False)
     assert abs(mc.accuracy - glm.accuracy) <= 100 / 8 and mc.nll != glm.nll  # its own predictive, recorded apart
     assert "arc-easy/test/evaluate-glm-mc-seed0" in json.loads((tmp_path / "blob" / "metrics.json").read_text())

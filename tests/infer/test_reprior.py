@@ -2,6 +2,7 @@
 search's one pass against one linearised pass per precision."""
 
 import math
+import warnings
 
 import pyro
 import pytest
@@ -41,7 +42,11 @@ def test_search_scores_every_precision_as_its_own_linearised_pass(tiny_llama):
         pyro.param("blob.G").copy_(torch.rand(pyro.param("blob.G").shape) * 0.3 + 0.05)  # sigma = G^2 <= 0.1225
     val = EncodedDataset(data.input_ids[:6], data.attention_mask[:6], data.labels[:6], data.choice_mask[:6])
     grid = (0.1, 3.0, 300.0)
-    found = search_prior_precision(guide, val, 25.0, grid=grid, batch_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = search_prior_precision(guide, val, 25.0, grid=grid, batch_size=3)
+    at_edge = found.prior_precision in (0.1, 300.0)
+    assert at_edge == any("may fall further beyond the grid" in str(w.message) for w in caught)
     assert sorted(found.validation_nll) == [0.1, 3.0, 25.0, 300.0]  # the trained prior among the candidates
     d = data_precisions(guide.scales(), 25.0)
     for lam, nll in found.validation_nll.items():
