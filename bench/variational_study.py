@@ -50,7 +50,8 @@ from pyro_llm.data import get_task, load_examples
 from pyro_llm.evaluation import compute_metrics, predict_proba
 from pyro_llm.infer import search_scale
 from pyro_llm.io import atomic_write_json
-from pyro_llm.runs import SVIConfig, evaluate, load_run, load_split, preset_config, record_metrics, train
+from pyro_llm.runs import (SVIConfig, evaluate, load_run, load_split, preset_config, read_config, record_metrics,
+                            train)
 
 from .study import CONFIGS, _differences, _fmt, _log, _scored, run_config
 
@@ -198,6 +199,12 @@ def run_cells(cells: list[str], seeds: list[int], root: Path) -> None:
                     _log(f"{name} seed {seed}: validation NLL {_validation_nll(root / f'seed{seed}' / name):.4f}")
 
 
+def _finished(run_dir: Path) -> bool:
+    """Trained to its last step (its test pass, when it had one, recorded in ``metrics.json``)."""
+    return (run_dir / "metrics.json").is_file() or (
+        (run_dir / "config.json").is_file() and read_config(run_dir).get("state") == "finished")
+
+
 def _seconds(run_dir: Path) -> float:
     return sum(h["seconds"] for h in json.loads((run_dir / "history.json").read_text()))
 
@@ -210,7 +217,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
     scales: dict[int, float] = {}
     for seed in seeds:
         base = root / f"seed{seed}"
-        done = {name: base / name for name in configs(seed) if (base / name / "metrics.json").is_file()}
+        done = {name: base / name for name in configs(seed) if _finished(base / name)}
         methods: dict[str, tuple[Path, dict[str, Any]]] = {}
         if "map" in done:
             methods["map"] = (done["map"], {})
