@@ -18,7 +18,7 @@ from .folder import RunDirExistsError, RunFolder, is_run
 from .laplace import LaplaceRun, laplace, load_laplace_run, resolve_adapter
 from .load import evaluate, evaluate_ensemble, load_run, predictor
 from .registry import ELBOS, GUIDES, KL_SCHEDULES, PREDICTIVES, PRIORS, GuideEntry, make_guide
-from .svi import evaluate_loaded, load_svi_run, svi_predictor, train
+from .svi import evaluate_loaded, linearised_predictor, load_svi_run, svi_predictor, train
 from .zero_shot import load_zero_shot_run, zero_shot, zero_shot_predictor
 
 __all__ = [
@@ -28,6 +28,6 @@ __all__ = [
     "PriorConfig", "QUICK", "RunDirExistsError", "RunFolder", "SVIConfig", "ZeroShotConfig", "build_for", "compare",
     "evaluate", "evaluate_ensemble", "evaluate_loaded", "is_run", "laplace", "load_laplace_run", "load_predictions",
     "load_run", "load_split", "load_svi_run", "load_zero_shot_run", "make_guide", "predictor", "preset_config",
-    "read_config", "record_metrics", "resolve_adapter", "retarget_head", "run_config_of", "svi_predictor", "train",
+    "read_config", "record_metrics", "resolve_adapter", "retarget_head", "run_config_of", "svi_predictor", "linearised_predictor", "train",
     "zero_shot", "zero_shot_predictor",
 ]

@@ -64,7 +64,8 @@ def predictor(run: Run, *, samples: int | None = None, predictive: str | None = 
             raise ValueError(f"--samples applies to the N-sample predictive, not to --predictive {predictive}")
         predict, facts = linearised_predictor(run, predictive=predictive, prior_precision=prior_precision, seed=seed,
                                               progress=progress)
-        prior = "" if prior_precision is None else f"-prior{'val' if prior_precision == 'validation' else f'{float(prior_precision):g}'}"
+        prior = "" if prior_precision is None else "-prior" + (
+            "val" if prior_precision == "validation" else f"{float(prior_precision):g}")
         return predict, f"{predictive}{prior}-seed{seed}", facts
     predict, n = svi_predictor(run, samples=samples, seed=seed, progress=progress)
     return predict, f"n{n}-seed{seed}", {"samples": n, "seed": seed}

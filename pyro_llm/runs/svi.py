@@ -28,8 +28,8 @@ from .config import SVIConfig
 from .folder import RunFolder
 from .registry import ELBOS, GUIDES
 
-__all__ = ["GLM_MC_SAMPLES", "SVI_PREDICTIVES", "evaluate_loaded", "linearised_predictor", "load_svi_run", "svi_predictor",
-           "train"]
+__all__ = ["GLM_MC_SAMPLES", "SVI_PREDICTIVES", "evaluate_loaded", "linearised_predictor", "load_svi_run",
+           "svi_predictor", "train"]
 
 
 def train(cfg: SVIConfig, run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
