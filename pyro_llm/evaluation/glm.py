@@ -124,19 +124,21 @@ class _DiagonalCovariance:
     """``J Sigma J^T`` of a mean-field Gaussian guide: each site's entries independent, ``sigma^2``
     their variances, one level per set of variances (the guide's own, or others given)."""
 
-    def __init__(self, guide: Any, variances: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        self.guide, self.variances, self.levels = guide, variances, len(variances)
+    def __init__(self, guide: Any, variances: Sequence[Mapping[str, torch.Tensor]], names: list[str],
+                 device: torch.device) -> None:
+        self.guide, self.levels = guide, len(variances)
+        # each site's L sets stacked once (L x d_out x d_in), not again in every batch
+        self.variances = {n: torch.stack([v[n] for v in variances]).to(device, torch.float64) for n in names}
 
     def means(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in guide_median(self.guide, batch).items() if k in self.variances[0]}
+        return {k: v for k, v in guide_median(self.guide, batch).items() if k in self.variances}
 
     def __call__(self, i: int, name: str, G: torch.Tensor) -> torch.Tensor:
-        var = torch.stack([v[name] for v in self.variances]).to(G.device, torch.float64)  # L x d_out x d_in
-        return torch.einsum("bcoi,bdoi,loi->lbcd", G, G, var)
+        return torch.einsum("bcoi,bdoi,loi->lbcd", G, G, self.variances[name])
 
 
 def _covariance_of(guide: Any, prior_precisions: torch.Tensor | None, names: list[str],
-                   variances: Sequence[Mapping[str, torch.Tensor]] | None
+                   variances: Sequence[Mapping[str, torch.Tensor]] | None, device: torch.device
                    ) -> _KroneckerCovariance | _DiagonalCovariance:
     if isinstance(guide, LaplaceGuide):
         if variances is not None:
@@ -159,7 +161,7 @@ def _covariance_of(guide: Any, prior_precisions: torch.Tensor | None, names: lis
         missing = [n for n in names if n not in v]
         if missing:
             raise ValueError(f"no variances for the sites {missing}: the linearised predictive needs every site's")
-    return _DiagonalCovariance(guide, variances)
+    return _DiagonalCovariance(guide, variances, names, device)
 
 
 def glm_logit_moments(guide: Any, data: EncodedDataset, prior_precisions: torch.Tensor | None = None, *,
@@ -185,8 +187,8 @@ def glm_logit_moments(guide: Any, data: EncodedDataset, prior_precisions: torch.
     check_int("max_tokens", max_tokens, low=1, optional=True)
     model = model if model is not None else guide.model
     names = model.site_names
-    covariance = _covariance_of(guide, prior_precisions, names, variances)
     device = model.device
+    covariance = _covariance_of(guide, prior_precisions, names, variances, device)
     means, covs = [], []
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -17,11 +17,11 @@ from ..evaluation.glm import linearised_predict
 from ..guides import scale_summary, write_back_means
 from ..guides.ops import guide_scales
 from ..infer import SVITrainer, load_params, save_params
-from ..infer.reprior import data_precisions, search_prior_precision, variances_at
-from ..priors import gaussian_precision
 from ..infer.checkpoint import find_checkpoint
+from ..infer.reprior import data_precisions, search_prior_precision, variances_at
 from ..io import atomic_write_json, read_json
 from ..models import lora_dropout_active
+from ..priors import gaussian_precision
 from .common import (LoadedRun, build_for, evaluation_limit, load_split, process_group, read_config, rebuild,
                      run_config_of, score, write_config)
 from .config import SVIConfig
