@@ -224,7 +224,8 @@ def _validation_or_positive(ctx: click.Context, param: click.Parameter, value: s
                    "a number fixes it.")
 @click.option("--prior-precision", "prior_precision", default=None, callback=_validation_or_positive,
               help="SVI runs, --predictive glm or glm-mc: read the guide under the Gaussian prior of this "
-                   "precision ('validation': chosen by the validation NLL), its means kept.")
+                   "precision ('validation': chosen by the validation NLL), its means kept, the KL "
+                   "weight it trained with undone (the Bayesian posterior).")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the split.")
 @click.option("--seed", type=int, default=None, help="Seed of every random draw (default: the run's).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,

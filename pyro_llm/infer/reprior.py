@@ -8,7 +8,11 @@ likelihood's (Opper & Archambeau 2009):
 
 so the likelihood's share ``d = sigma^-2 - lambda_0`` (clamped at zero) can be read off the trained
 scales, and the same posterior under the precision ``lambda`` has ``sigma_lambda^-2 = d + lambda``,
-its means kept. This is the variational counterpart of Laplace-LoRA's prior precision chosen after
+its means kept. A guide trained with the KL weighted by ``w`` (``--kl-weight``, ``--preset
+blob-adam``'s 0.1) balanced against a likelihood counted ``1 / w`` times (a cold posterior:
+``sigma^-2 = lambda_0 + d / w``); reading it with its ``kl_weight`` undoes that temperature, so the
+posterior under ``lambda`` is the Bayesian one of the model as written (``d`` the likelihood's share
+counted once), whatever temperature made the optimisation convenient. This is the variational counterpart of Laplace-LoRA's prior precision chosen after
 the fit (where the curvature is K-FAC's and the mean the MAP): :func:`search_prior_precision`
 chooses ``lambda`` by the linearised predictive's validation NLL, every grid point from one pass
 (:func:`~pyro_llm.evaluation.glm.glm_logit_moments` with one set of variances per point).
@@ -40,12 +44,17 @@ __all__ = ["PRIOR_PRECISION_GRID", "PriorSearch", "data_precisions", "search_pri
 PRIOR_PRECISION_GRID = tuple(float(x) for x in torch.logspace(-2, 4, 25, dtype=torch.float64))
 
 
-def data_precisions(scales: Mapping[str, torch.Tensor], prior_precision: float) -> dict[str, torch.Tensor]:
-    """The likelihood's share of each entry's precision, ``sigma^-2 - lambda_0`` (at least 0), from a
-    trained mean-field guide's ``scales`` and the precision ``lambda_0`` of the prior it was trained under."""
+def data_precisions(scales: Mapping[str, torch.Tensor], prior_precision: float,
+                    kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """The likelihood's share of each entry's precision, ``w (sigma^-2 - lambda_0)`` (at least 0), from a
+    trained mean-field guide's ``scales``, the precision ``lambda_0`` of the prior it was trained under
+    and the weight ``w`` its KL had when its scales settled (1: the exact ELBO)."""
     if not prior_precision > 0:
         raise ValueError(f"prior_precision must be > 0, got {prior_precision!r}")
-    return {n: (s.detach().double().pow(-2) - prior_precision).clamp_min(0.0) for n, s in scales.items()}
+    if not kl_weight > 0:
+        raise ValueError(f"kl_weight must be > 0 to read the likelihood's share off the scales, got {kl_weight!r}")
+    return {n: (s.detach().double().pow(-2) - prior_precision).clamp_min(0.0) * kl_weight
+            for n, s in scales.items()}
 
 
 def variances_at(data: Mapping[str, torch.Tensor], prior_precision: float) -> dict[str, torch.Tensor]:
@@ -67,12 +76,14 @@ class PriorSearch:
 
 
 def search_prior_precision(guide: Any, validation: EncodedDataset, trained_precision: float, *,
-                           model: BayesianLoRAModel | None = None, grid: Sequence[float] = PRIOR_PRECISION_GRID,
+                           kl_weight: float = 1.0, model: BayesianLoRAModel | None = None,
+                           grid: Sequence[float] = PRIOR_PRECISION_GRID,
                            batch_size: int = 4, max_tokens: int | None = GLM_MAX_TOKENS,
                            progress: bool = False) -> PriorSearch:
     """Choose the prior precision of a trained mean-field ``guide`` (one reporting its scales,
-    trained under ``N(0, 1 / trained_precision)``) by the linearised predictive's NLL on
-    ``validation``, among ``grid`` and ``trained_precision`` itself (no change), in one pass."""
+    trained under ``N(0, 1 / trained_precision)`` with its KL weighted by ``kl_weight``) by the
+    linearised predictive's NLL on ``validation``, among ``grid`` and ``trained_precision`` itself
+    (the trained guide, untempered), in one pass."""
     scales = guide_scales(guide)
     if scales is None:
         raise TypeError(f"search_prior_precision needs a mean-field Gaussian guide that reports its scales; "
@@ -80,7 +91,7 @@ def search_prior_precision(guide: Any, validation: EncodedDataset, trained_preci
     if len(validation) == 0:
         raise ValueError("search_prior_precision needs a non-empty validation set")
     points = sorted({float(trained_precision), *map(float, grid)})
-    d = data_precisions(scales, trained_precision)
+    d = data_precisions(scales, trained_precision, kl_weight)
     sets = [variances_at(d, lam) for lam in points]
     mean, cov = glm_logit_moments(guide, validation, variances=sets, model=model, batch_size=batch_size,
                                   max_tokens=max_tokens, progress=progress, relative=True)

@@ -175,6 +175,18 @@ def svi_predictor(run: LoadedRun, *, samples: int | None = None, seed: int | Non
     return predict, n
 
 
+def settled_kl_weight(run: LoadedRun) -> float:
+    """The KL weight of the run's last training step (``history.json``; the configuration's
+    ``--kl-weight`` for a run without one): the temperature its scales balanced at, which reading
+    the guide under another prior undoes (:func:`~pyro_llm.infer.reprior.data_precisions`)."""
+    path = run.run_dir / "history.json"
+    if path.is_file():
+        history = read_json(path, "training history")
+        if isinstance(history, list) and history and isinstance(history[-1], dict) and "kl_weight" in history[-1]:
+            return float(history[-1]["kl_weight"])
+    return float(run.config.objective.kl_weight)
+
+
 def linearised_predictor(run: LoadedRun, *, predictive: str = "glm", prior_precision: str | float | None = None,
                          seed: int | None = None, progress: bool = True
                          ) -> tuple[Callable[[EncodedDataset], torch.Tensor], dict[str, Any]]:
@@ -185,7 +197,8 @@ def linearised_predictor(run: LoadedRun, *, predictive: str = "glm", prior_preci
 
     ``prior_precision``: the guide read under another Gaussian prior (:mod:`pyro_llm.infer.reprior`),
     a number, or ``"validation"``: chosen now by the linearised predictive's NLL on the run's own
-    validation split (the choice and its grid among the facts); ``None``: the guide as trained."""
+    validation split (the choice and its grid among the facts); either reads the Bayesian posterior,
+    the KL weight the run trained with undone (:func:`settled_kl_weight`); ``None``: the guide as trained."""
     if predictive not in SVI_PREDICTIVES[1:]:
         raise ValueError(f"a linearised predictive is one of {', '.join(SVI_PREDICTIVES[1:])}; got {predictive!r}")
     cfg = run.config
@@ -198,17 +211,19 @@ def linearised_predictor(run: LoadedRun, *, predictive: str = "glm", prior_preci
     variances = None
     if prior_precision is not None:
         trained = gaussian_precision(run.model.prior, "reading the guide under another prior")
+        w = settled_kl_weight(run)
         if prior_precision == "validation":
             validation = load_split(cfg, run.task, "validation", run.tokenizer, None)
-            found = search_prior_precision(run.guide, validation, trained, model=run.model,
+            found = search_prior_precision(run.guide, validation, trained, kl_weight=w, model=run.model,
                                            batch_size=cfg.eval.batch_size, progress=progress)
             lam = found.prior_precision
             facts["validation_nll"] = {f"{k:g}": v for k, v in found.validation_nll.items()}
         else:
             lam = float(prior_precision)
             check_real("prior_precision", lam, low=0, low_open=True)
-        facts.update(prior_precision=prior_precision, chosen_prior_precision=lam, trained_prior_precision=trained)
-        variances = [variances_at(data_precisions(scales, trained), lam)]
+        facts.update(prior_precision=prior_precision, chosen_prior_precision=lam, trained_prior_precision=trained,
+                     trained_kl_weight=w)
+        variances = [variances_at(data_precisions(scales, trained, w), lam)]
 
     def predict(data: EncodedDataset) -> torch.Tensor:
         pyro.set_rng_seed(seed)

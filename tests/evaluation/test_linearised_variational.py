@@ -14,7 +14,7 @@ from pyro_llm.guides import BLoBGuide
 from pyro_llm.guides.ops import guide_median, guide_scales
 from pyro_llm.evaluation import compute_metrics, predict_proba
 from pyro_llm.infer import data_precisions, variances_at
-from pyro_llm.runs import SVIConfig, evaluate, load_run, load_split, train
+from pyro_llm.runs import SVIConfig, evaluate, load_predictions, load_run, load_split, train
 from linear_models import laplace_model_of
 
 
@@ -116,6 +116,28 @@ def test_an_svi_run_evaluates_its_guides_linearised_predictive(tiny_llama, tmp_p
     mc = evaluate(tmp_path / "blob", predictive="glm-mc", progress=False)
     assert abs(mc.accuracy - glm.accuracy) <= 100 / 8 and mc.nll != glm.nll  # its own predictive, recorded apart
     assert "arc-easy/test/evaluate-glm-mc-seed0" in json.loads((tmp_path / "blob" / "metrics.json").read_text())
+
+
+def test_a_kl_weighted_run_is_read_under_another_prior_at_temperature_one(tiny_llama, tmp_path):
+    cfg = _cfg(tiny_llama, "blob")
+    cfg.objective.kl_weight = 0.5  # a cold posterior: the likelihood counted twice against the prior
+    train(cfg, tmp_path / "cold", progress=False)
+    glm = evaluate(tmp_path / "cold", predictive="glm", progress=False)
+    same_prior = evaluate(tmp_path / "cold", predictive="glm", prior_precision=25.0, progress=False)
+    entry = json.loads((tmp_path / "cold" / "metrics.json").read_text())["arc-easy/test/evaluate-glm-prior25-seed0"]
+    assert entry["trained_kl_weight"] == pytest.approx(0.5)
+    run = load_run(tmp_path / "cold")
+    data = load_split(run.config, run.task, "test", run.tokenizer, run.config.data.test_limit)
+    recorded = load_predictions(tmp_path / "cold", "arc-easy/test/evaluate-glm-prior25-seed0")[0].double()
+    cold, bayes = (linearised_predict(run.guide, data, model=run.model, progress=False,
+                                      variances=[variances_at(data_precisions(guide_scales(run.guide), 25.0, w), 25.0)])
+                   for w in (1.0, 0.5))
+    # the temperature undone (the Bayesian posterior, every entry the data spoke for wider): the
+    # predictions are those of the reading at w = 0.5, not the cold guide's own
+    assert compute_metrics(cold, data.labels).nll == pytest.approx(glm.nll, rel=1e-6)
+    gap = (bayes.double() - cold.double()).abs().max()
+    assert gap > 0 and (recorded - bayes.double()).abs().max() < gap / 20
+    assert same_prior.nll == pytest.approx(compute_metrics(bayes, data.labels).nll, rel=1e-6)
 
 
 def test_the_linearised_predictive_of_a_point_guide_is_refused(tiny_llama, tmp_path):

@@ -62,3 +62,34 @@ def test_search_scores_every_precision_as_its_own_linearised_pass(tiny_llama):
     torch.testing.assert_close(found.variances[model.site_names[0]],
                                variances_at(d, found.prior_precision)[model.site_names[0]])
     assert math.isfinite(found.validation_nll[found.prior_precision])
+
+
+@pytest.mark.parametrize("w", [1.0, 0.1])
+def test_a_kl_weighted_guide_is_read_at_temperature_one(w):
+    # A quadratic log-likelihood of curvature h per entry and the KL to N(0, 1 / lam0) weighted by w:
+    # the mean-field guide's scale that minimises E_q[-log lik] + w KL, found by an optimiser on the
+    # objective written out here, is read back as h (the likelihood counted once), not h / w
+    torch.manual_seed(1)
+    h, lam0 = torch.tensor([0.0, 3.0, 40.0, 900.0], dtype=torch.float64), 25.0
+    log_s = torch.full_like(h, -1.0, requires_grad=True)
+    opt = torch.optim.LBFGS([log_s], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        var = (2 * log_s).exp()
+        kl = 0.5 * (lam0 * var - 1 - torch.log(lam0 * var))  # the means at 0: no mean term
+        loss = (0.5 * h * var + w * kl).sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    d = data_precisions({"a": log_s.detach().exp()}, lam0, kl_weight=w)["a"]
+    torch.testing.assert_close(d, h, rtol=1e-6, atol=1e-6)
+    # under the trained prior, the Bayesian posterior: wider than the cold one where the data speak
+    bayes = variances_at({"a": d}, lam0)["a"]
+    torch.testing.assert_close(bayes, 1 / (h + lam0), rtol=1e-6, atol=0.0)
+    if w < 1:
+        assert (bayes[1:] > log_s.detach()[1:].exp() ** 2 * 1.05).all()
+    with pytest.raises(ValueError, match="kl_weight must be > 0"):
+        data_precisions({"a": log_s.detach().exp()}, lam0, kl_weight=0.0)
