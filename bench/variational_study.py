@@ -140,6 +140,9 @@ ROWS: dict[str, dict[str, Any]] = {"": {}, "+ts": {"temperature": "validation"},
 #: guide's are its linearised predictives only (weight draws of B through the network, N = 10
 #: passes, are what a linearised pass replaces), so it is trained without a sampled test pass
 METHOD_ROWS = {"blob-adam": tuple(ROWS), "blob-adam-ab": ("-glm-val", "-glm"), "ivon": ("", "+ts", "-glm")}
+#: ``--rows`` names -> ROWS keys; the rows the tables score and show (``--rows``; default: all)
+ROW_NAMES = {"nn": "", "ts": "+ts", "glm": "-glm", "glm-val": "-glm-val"}
+SHOWN_ROWS = set(ROWS)
 #: ``--cells`` names -> the run names they train
 CELL_RUNS: dict[str, Callable[[str], bool]] = {
     "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
@@ -245,7 +248,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
             if len(grid) == len(_grid(method)):
                 pick = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
                 chosen[method][seed] = pick
-                for row in METHOD_ROWS[method]:
+                for row in (r for r in METHOD_ROWS[method] if r in SHOWN_ROWS):
                     methods[f"{method}{row}"] = (done[pick], ROWS[row])
         for method, (run_dir, options) in methods.items():
             scored = _scored(run_dir, TASK, method, None, True, **options)
@@ -345,8 +348,12 @@ def main() -> None:
     ap.add_argument("--ess", type=float, nargs="+", default=None,
                     help="the effective sample sizes (multiples of N) ivon chooses among on validation NLL "
                          "(default: 1, 10, 100)")
+    ap.add_argument("--rows", nargs="+", choices=sorted(ROW_NAMES), default=sorted(ROW_NAMES),
+                    help="the chosen guides' rows to score and show: nn (N-sample), ts (temperature-scaled), "
+                         "glm (linearised), glm-val (linearised under the prior chosen on validation)")
     args = ap.parse_args()
-    global TESTBED, TASK, DESCRIPTION, W_GRID, AB_W_GRID, ESS_GRID
+    global TESTBED, TASK, DESCRIPTION, W_GRID, AB_W_GRID, ESS_GRID, SHOWN_ROWS
+    SHOWN_ROWS = {ROW_NAMES[r] for r in args.rows}
     TESTBED, TASK, DESCRIPTION = TESTBEDS[args.testbed]
     W_GRID = tuple(args.weights) if args.weights else W_GRID
     AB_W_GRID = tuple(args.ab_weights) if args.ab_weights else W_GRID
