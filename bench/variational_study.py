@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, replace
 import statistics
 import time
 from pathlib import Path
@@ -67,8 +68,6 @@ TESTBEDS: dict[str, tuple[dict[str, Any], str, str]] = {
                                                          "questions)")}
 TESTBED, TASK, DESCRIPTION = TESTBEDS["smollm2"]
 W_GRID = (1.0, 0.1, 0.01)
-#: the KL weights of the A-and-B guide (``--ab-weights``; default: ``W_GRID``)
-AB_W_GRID = W_GRID
 #: IVON's effective sample sizes, as multiples of the training set's size N (1: the posterior itself)
 ESS_GRID = (1.0, 10.0, 100.0)
 #: IVON's recipe for the testbed's budget (its scales set by its Hessian estimate; see the docs)
@@ -102,23 +101,18 @@ def configs(seed: int) -> dict[str, SVIConfig]:
            "blob-cycles": _variant(seed, guide={"name": "blob", "flipout": True},
                                    objective={"kl_schedule": "blob-cycles", "kl_cycles": 4},
                                    optim={"split_kl": True})}
-    for w in W_GRID:  # --preset blob-adam is w = 0.1
+    for w in CHOSEN["blob-adam"].grid:  # --preset blob-adam is w = 0.1
         out[f"blob-adam-w{w:g}"] = _variant(seed, guide={"name": "blob", "flipout": True},
                                             objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
-    for w in AB_W_GRID:
+    for w in CHOSEN["blob-adam-ab"].grid:
         out[f"blob-adam-ab-w{w:g}"] = _variant(seed, b_site=True, guide={"name": "blob", "flipout": True},
                                                objective={"kl_weight": w}, optim={"g_optimizer": "adamw"})
     n = _train_size(seed)
-    for e in ESS_GRID:  # IVON over A and B (its LoRA recipe), as the paper applies it to every LoRA matrix
+    for e in CHOSEN["ivon"].grid:  # IVON over A and B (its LoRA recipe), as the paper applies it to every LoRA matrix
         out[f"ivon-e{e:g}"] = _variant(seed, b_site=True, optim={"lr": IVON["lr"]},
                                        guide={"name": "ivon", "ivon_ess": e * n, "ivon_hess_init": IVON["hess_init"],
                                               "ivon_beta2": IVON["beta2"]})
     return out
-
-
-def _grid(method: str) -> tuple[float, ...]:
-    """The values a chosen method's runs are trained at."""
-    return {"blob-adam": W_GRID, "blob-adam-ab": AB_W_GRID, "ivon": ESS_GRID}[method]
 
 
 def _train_size(seed: int) -> int:
@@ -128,25 +122,37 @@ def _train_size(seed: int) -> int:
                              fractions=cfg.data.split_fractions))
 
 
-#: methods whose setting is chosen per seed on the validation NLL: method -> (its runs' name prefix,
-#: the grid's label)
-CHOSEN = {"blob-adam": ("blob-adam-w", "KL weight"), "blob-adam-ab": ("blob-adam-ab-w", "KL weight"),
-          "ivon": ("ivon-e", "effective sample size / N")}
-#: each chosen guide's rows: its N-sample predictive (""), temperature-scaled ("+ts"), linearised
+#: a chosen guide's rows: its N-sample predictive (""), temperature-scaled ("+ts"), linearised
 #: ("-glm"), linearised under the prior precision chosen on validation ("-glm-val"); evaluate's options
 ROWS: dict[str, dict[str, Any]] = {"": {}, "+ts": {"temperature": "validation"}, "-glm": {"predictive": "glm"},
                                    "-glm-val": {"predictive": "glm", "prior_precision": "validation"}}
-#: each method's rows, the first one's predictive choosing its setting on validation; the A-and-B
-#: guide's are its linearised predictives only (weight draws of B through the network, N = 10
-#: passes, are what a linearised pass replaces), so it is trained without a sampled test pass
-METHOD_ROWS = {"blob-adam": tuple(ROWS), "blob-adam-ab": ("-glm-val", "-glm"), "ivon": ("", "+ts", "-glm")}
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A guide whose setting is chosen per seed on the validation NLL: its runs' name prefix, the
+    grid's label and values (one run each), and its rows, the first one's predictive choosing."""
+
+    prefix: str
+    label: str
+    grid: tuple[float, ...]
+    rows: tuple[str, ...]
+
+
+#: the A-and-B guide's rows are its linearised predictives only (weight draws of B through the
+#: network, N = 10 passes, are what a linearised pass replaces), so it is trained without a sampled
+#: test pass; ``--weights``, ``--ab-weights`` and ``--ess`` replace the grids
+CHOSEN: dict[str, Chosen] = {
+    "blob-adam": Chosen("blob-adam-w", "KL weight", W_GRID, tuple(ROWS)),
+    "blob-adam-ab": Chosen("blob-adam-ab-w", "KL weight", W_GRID, ("-glm-val", "-glm")),
+    "ivon": Chosen("ivon-e", "effective sample size / N", ESS_GRID, ("", "+ts", "-glm"))}
 #: ``--rows`` names -> ROWS keys; the rows the tables score and show (``--rows``; default: all)
 ROW_NAMES = {"nn": "", "ts": "+ts", "glm": "-glm", "glm-val": "-glm-val"}
 SHOWN_ROWS = set(ROWS)
 #: ``--cells`` names -> the run names they train
 CELL_RUNS: dict[str, Callable[[str], bool]] = {
     "map": lambda r: r == "map", "blob-ref": lambda r: r == "blob-ref", "blob-cycles": lambda r: r == "blob-cycles",
-    **{m: (lambda r, p=prefix: r.startswith(p)) for m, (prefix, _) in CHOSEN.items()},
+    **{m: (lambda r, p=c.prefix: r.startswith(p)) for m, c in CHOSEN.items()},
     "scale-search": lambda r: False}
 
 
@@ -176,7 +182,7 @@ def _scale_search(map_dir: Path) -> None:
 
 def _method(name: str) -> str | None:
     """The chosen method a run belongs to (by its name's prefix), if any."""
-    return next((m for m, (prefix, _) in CHOSEN.items() if name.startswith(prefix)), None)
+    return next((m for m, c in CHOSEN.items() if name.startswith(c.prefix)), None)
 
 
 def _train(cfg: SVIConfig, run_dir: Path) -> None:
@@ -187,7 +193,7 @@ def _train(cfg: SVIConfig, run_dir: Path) -> None:
     method = _method(run_dir.name)
     t0 = time.perf_counter()
     train(cfg, run_dir, overwrite=not resume, resume=resume, progress=False,
-          evaluate_after=method is None or "" in METHOD_ROWS[method])
+          evaluate_after=method is None or "" in CHOSEN[method].rows)
     (run_dir / "wall_seconds").write_text(f"{time.perf_counter() - t0}\n")
     _log(f"{run_dir}: trained and evaluated in {time.perf_counter() - t0:.0f} s")
 
@@ -198,7 +204,7 @@ def _validation_nll(run_dir: Path) -> float:
     kept = run_dir / "validation_nll"
     if not kept.is_file():
         method = _method(run_dir.name)
-        options = ROWS[METHOD_ROWS[method][0]] if method else {}
+        options = ROWS[CHOSEN[method].rows[0]] if method else {}
         kept.write_text(f"{evaluate(run_dir, split='validation', progress=False, **options).nll!r}\n")
     return float(kept.read_text())
 
@@ -210,7 +216,7 @@ def run_cells(cells: list[str], seeds: list[int], root: Path) -> None:
         for name, cfg in configs(seed).items():
             if any(CELL_RUNS[c](name) for c in cells):
                 _train(cfg, root / f"seed{seed}" / name)
-                if name.startswith(tuple(prefix for prefix, _ in CHOSEN.values())):
+                if _method(name) is not None:
                     _log(f"{name} seed {seed}: validation NLL {_validation_nll(root / f'seed{seed}' / name):.4f}")
 
 
@@ -243,12 +249,12 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
         for name in ("blob-ref", "blob-cycles"):
             if name in done:
                 methods[name] = (done[name], {})
-        for method, (prefix, _) in CHOSEN.items():
-            grid = [n for n in done if n.startswith(prefix)]
-            if len(grid) == len(_grid(method)):
+        for method, c in CHOSEN.items():
+            grid = [n for n in done if n.startswith(c.prefix)]
+            if len(grid) == len(c.grid):
                 pick = grid[0] if len(grid) == 1 else min(grid, key=lambda n: _validation_nll(done[n]))
                 chosen[method][seed] = pick
-                for row in (r for r in METHOD_ROWS[method] if r in SHOWN_ROWS):
+                for row in (r for r in c.rows if r in SHOWN_ROWS):
                     methods[f"{method}{row}"] = (done[pick], ROWS[row])
         for method, (run_dir, options) in methods.items():
             scored = _scored(run_dir, TASK, method, None, True, **options)
@@ -270,7 +276,7 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
              "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict[str, Any] = {}
-    for method in ("map", "map+ts", "blob-ref", "blob-cycles", *(f"{m}{r}" for m in CHOSEN for r in ROWS if r in METHOD_ROWS[m]),
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles", *(f"{m}{r}" for m, c in CHOSEN.items() for r in ROWS if r in c.rows),
                    "scale-search"):
         if method not in rows:
             continue
@@ -287,8 +293,8 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
                      f"{_fmt([m['nll'] for m in ms], digits=3)} | {_fmt([m['brier'] for m in ms], digits=3)} | "
                      + " | ".join(cells) + " |")
         summary[method] = {"metrics": ms, "steps": steps, "train_seconds": secs}
-    for method, (prefix, label) in CHOSEN.items():
-        grid = _grid(method)
+    for method, c in CHOSEN.items():
+        prefix, label, grid = c.prefix, c.label, c.grid
         if chosen[method]:
             lines += ["", f"{label} of {method} (chosen on validation NLL among "
                           f"{', '.join(f'{v:g}' for v in grid)}): "
@@ -352,12 +358,13 @@ def main() -> None:
                     help="the chosen guides' rows to score and show: nn (N-sample), ts (temperature-scaled), "
                          "glm (linearised), glm-val (linearised under the prior chosen on validation)")
     args = ap.parse_args()
-    global TESTBED, TASK, DESCRIPTION, W_GRID, AB_W_GRID, ESS_GRID, SHOWN_ROWS
+    global TESTBED, TASK, DESCRIPTION, SHOWN_ROWS
     SHOWN_ROWS = {ROW_NAMES[r] for r in args.rows}
     TESTBED, TASK, DESCRIPTION = TESTBEDS[args.testbed]
-    W_GRID = tuple(args.weights) if args.weights else W_GRID
-    AB_W_GRID = tuple(args.ab_weights) if args.ab_weights else W_GRID
-    ESS_GRID = tuple(args.ess) if args.ess else ESS_GRID
+    weights = tuple(args.weights) if args.weights else W_GRID
+    for method, grid in (("blob-adam", weights), ("blob-adam-ab", tuple(args.ab_weights or weights)),
+                         ("ivon", tuple(args.ess or ESS_GRID))):
+        CHOSEN[method] = replace(CHOSEN[method], grid=grid)
     root = Path(args.runs_dir)
     if not args.tables:
         run_cells(args.cells, args.seeds, root)
