@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
 import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -276,8 +276,8 @@ def tables(seeds: list[int], root: Path, out: Path, resamples: int, search: bool
              "ΔNLL vs MAP+TS | ΔECE vs MAP+TS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict[str, Any] = {}
-    for method in ("map", "map+ts", "blob-ref", "blob-cycles", *(f"{m}{r}" for m, c in CHOSEN.items() for r in ROWS if r in c.rows),
-                   "scale-search"):
+    for method in ("map", "map+ts", "blob-ref", "blob-cycles",
+                   *(f"{m}{r}" for m, c in CHOSEN.items() for r in ROWS if r in c.rows), "scale-search"):
         if method not in rows:
             continue
         ms = [compute_metrics(p, lab).as_dict() for p, lab in rows[method]]

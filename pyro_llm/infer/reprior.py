@@ -12,9 +12,10 @@ its means kept. A guide trained with the KL weighted by ``w`` (``--kl-weight``, 
 blob-adam``'s 0.1) balanced against a likelihood counted ``1 / w`` times (a cold posterior:
 ``sigma^-2 = lambda_0 + d / w``); reading it with its ``kl_weight`` undoes that temperature, so the
 posterior under ``lambda`` is the Bayesian one of the model as written (``d`` the likelihood's share
-counted once), whatever temperature made the optimisation convenient. This is the variational counterpart of Laplace-LoRA's prior precision chosen after
-the fit (where the curvature is K-FAC's and the mean the MAP): :func:`search_prior_precision`
-chooses ``lambda`` by the linearised predictive's validation NLL, every grid point from one pass
+counted once), whatever temperature made the optimisation convenient. This is the variational
+counterpart of Laplace-LoRA's prior precision chosen after the fit (where the curvature is K-FAC's
+and the mean the MAP): :func:`search_prior_precision` chooses ``lambda`` by the linearised
+predictive's validation NLL, every grid point from one pass
 (:func:`~pyro_llm.evaluation.glm.glm_logit_moments` with one set of variances per point).
 
 A prior that is wider than the one trained under lets the predictive widen where the data left

@@ -216,14 +216,15 @@ def linearised_predictor(run: LoadedRun, *, predictive: str = "glm", prior_preci
             validation = load_split(cfg, run.task, "validation", run.tokenizer, None)
             found = search_prior_precision(run.guide, validation, trained, kl_weight=w, model=run.model,
                                            batch_size=cfg.eval.batch_size, progress=progress)
-            lam = found.prior_precision
+            lam, chosen = found.prior_precision, found.variances
             facts["validation_nll"] = {f"{k:g}": v for k, v in found.validation_nll.items()}
         else:
             lam = float(prior_precision)
             check_real("prior_precision", lam, low=0, low_open=True)
+            chosen = variances_at(data_precisions(scales, trained, w), lam)
         facts.update(prior_precision=prior_precision, chosen_prior_precision=lam, trained_prior_precision=trained,
                      trained_kl_weight=w)
-        variances = [variances_at(data_precisions(scales, trained, w), lam)]
+        variances = [chosen]
 
     def predict(data: EncodedDataset) -> torch.Tensor:
         pyro.set_rng_seed(seed)

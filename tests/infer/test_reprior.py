@@ -69,7 +69,6 @@ def test_a_kl_weighted_guide_is_read_at_temperature_one(w):
     # A quadratic log-likelihood of curvature h per entry and the KL to N(0, 1 / lam0) weighted by w:
     # the mean-field guide's scale that minimises E_q[-log lik] + w KL, found by an optimiser on the
     # objective written out here, is read back as h (the likelihood counted once), not h / w
-    torch.manual_seed(1)
     h, lam0 = torch.tensor([0.0, 3.0, 40.0, 900.0], dtype=torch.float64), 25.0
     log_s = torch.full_like(h, -1.0, requires_grad=True)
     opt = torch.optim.LBFGS([log_s], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
