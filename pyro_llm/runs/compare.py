@@ -8,6 +8,9 @@ so every one can be evaluated, resumed or reused like any other run::
                       linearised predictive (post hoc: no second training)
     OUT/blob-adam/    BLoB's guide with the MAP's recipe (the ``blob-adam`` preset; asked for with
                       ``methods``: a second training)
+    OUT/blob-adam-ab/ the same preset over ``A`` and ``B`` (``b_site``), scored by its linearised
+                      predictive under the prior precision chosen on the validation split: what
+                      calibrates tasks whose logits are sums over tokens (PIQA in cloze form)
     OUT/comparison.json, OUT/comparison.md, OUT/reliability.png
 
 ``map+ts`` is the MAP with its temperature fitted on the validation split: the cheap post-hoc
@@ -44,7 +47,7 @@ QUICK: dict[str, Any] = {"task": "sst2", "model": {"name": "smollm2-135m"},
                          "eval": {"samples": 10}}
 
 #: The methods, in the order they run and print (``map+ts`` and ``laplace`` need ``map``).
-COMPARE_METHODS = ("map", "map+ts", "laplace", "blob-adam")
+COMPARE_METHODS = ("map", "map+ts", "laplace", "blob-adam", "blob-adam-ab")
 #: What ``compare`` runs unless told otherwise: one training (the MAP) and its two post-hoc
 #: counterparts, temperature scaling and Laplace-LoRA; BLoB's guide trains a second model
 DEFAULT_METHODS = ("map", "map+ts", "laplace")
@@ -64,6 +67,12 @@ class Comparison:
         rows += [f"| {name} | {m.accuracy:.2f} | {m.ece:.2f} | {m.nll:.4f} | {m.brier:.4f} |"
                  for name, m in self.metrics.items()]
         return "\n".join(rows)
+
+
+def _recorded(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` (empty before its first evaluation)."""
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _finished(run_dir: Path) -> bool:
@@ -114,7 +123,7 @@ def compare(cfg: SVIConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_
             record(method, run_dir, key)
         elif method == "map+ts":
             tag = "temperature-validation"
-            if f"{key}/{tag}" not in json.loads((run_dir / "metrics.json").read_text()):
+            if f"{key}/{tag}" not in _recorded(run_dir):
                 evaluate(run_dir, temperature="validation", progress=progress, cache=cache, record_as=tag)
             record(method, run_dir, f"{key}/{tag}")
         elif method == "blob-adam":
@@ -122,6 +131,17 @@ def compare(cfg: SVIConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_
             _reuse_or_run(run_dir, bayes_cfg.to_dict(), overwrite,
                           lambda ow: train(bayes_cfg, run_dir, overwrite=ow, progress=progress, cache=cache))
             record(method, run_dir, key)
+        elif method == "blob-adam-ab":  # its N-sample test pass is skipped: the linearised one is its row
+            ab_cfg = preset_config("blob-adam", b_site=True,
+                                   **{k: v for k, v in base.items() if k not in ("guide", "objective", "b_site")})
+            _reuse_or_run(run_dir, ab_cfg.to_dict(), overwrite,
+                          lambda ow: train(ab_cfg, run_dir, overwrite=ow, progress=progress, cache=cache,
+                                           evaluate_after=False))
+            tag = "glm-prior-validation"
+            if f"{key}/{tag}" not in _recorded(run_dir):
+                evaluate(run_dir, predictive="glm", prior_precision="validation", progress=progress, cache=cache,
+                         record_as=tag)
+            record(method, run_dir, f"{key}/{tag}")
         else:  # laplace around the MAP
             lcfg = LaplaceRunConfig.like(cfg, seed=cfg.seed,
                                          laplace={"adapter": str(out / "map"), "prior_precision": "val-nll"})

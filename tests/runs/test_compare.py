@@ -29,7 +29,7 @@ def test_compare_trains_every_method_once_and_prints_them_side_by_side(tiny_sst2
     for method in COMPARE_METHODS:
         assert f"| {method} |" in res.output
     # each method is a finished run with the same task, data and seed
-    for run in ("map", "blob-adam", "laplace"):
+    for run in ("map", "blob-adam", "blob-adam-ab", "laplace"):
         config = json.loads((out / run / "config.json").read_text())
         assert config["state"] == "finished" and config["run"]["task"] == "sst2"
         assert config["run"]["data"]["test_limit"] == 24 and config["run"]["data"]["split_fractions"] == list(
@@ -39,6 +39,16 @@ def test_compare_trains_every_method_once_and_prints_them_side_by_side(tiny_sst2
     # the printed metrics are the runs' own recorded predictions
     probs, labels = load_predictions(out / "blob-adam", "sst2/test")
     assert len(labels) == 24 and table["blob-adam"]["n"] == 24
+    # the A-and-B guide: B a site of the preset's guide, scored only by its linearised predictive
+    # under the prior precision the validation split chose (no N-sample test pass)
+    ab = json.loads((out / "blob-adam-ab" / "config.json").read_text())["run"]
+    assert ab["b_site"] is True and ab["guide"]["name"] == "blob" and ab["objective"]["kl_weight"] == 0.1
+    recorded = json.loads((out / "blob-adam-ab" / "metrics.json").read_text())
+    assert "sst2/test" not in recorded
+    row = recorded["sst2/test/glm-prior-validation"]
+    assert row["predictive"] == "glm" and row["prior_precision"] == "validation" and row["chosen_prior_precision"] > 0
+    probs, labels = load_predictions(out / "blob-adam-ab", "sst2/test/glm-prior-validation")
+    assert len(labels) == 24 and table["blob-adam-ab"]["nll"] == pytest.approx(row["nll"])
     # a rerun reuses the finished runs (their files untouched) and prints the same table
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     again = CliRunner().invoke(cli, args)
