@@ -143,8 +143,8 @@ def svi_train(ctx: click.Context, **kw: Any) -> None:
 @config_options("eval", EvalConfig, defaults=QUICK["eval"])
 def compare_cmd(**kw: Any) -> None:
     """A plain fine-tune (MAP) beside its Bayesian counterparts (Laplace-LoRA around it; BLoB's guide
-    over A, or A and B, with --methods) and temperature scaling, on the same data: the metrics side by side and one
-    reliability diagram. Without options: SmolLM2-135M on SST-2, minutes on a laptop's CPU."""
+    over A, or A and B, with --methods) and temperature scaling, on the same data: the metrics side by
+    side and one reliability diagram. Without options: SmolLM2-135M on SST-2, minutes on a laptop's CPU."""
     from ..runs import compare
 
     cfg = SVIConfig.from_dict(config_values(SVIConfig, kw))

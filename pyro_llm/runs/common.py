@@ -88,10 +88,15 @@ def record_metrics(run_dir: Path, key: str, metrics: Metrics, probs: torch.Tenso
         atomic_save_tensors(_predictions_file(run_dir, key), {"probs": probs.float(), "labels": labels})
         plot_reliability({key: (probs, labels)}, run_dir / f"reliability_{key.replace('/', '_')}.png",
                          n_bins=metrics.ece_bins, title=key)
-        path = run_dir / "metrics.json"
-        table = read_json(path, "metrics") if path.is_file() else {}
+        table = read_metrics(run_dir)
         table[key] = {**metrics.as_dict(), **(extra or {})}
-        atomic_write_json(path, table)
+        atomic_write_json(run_dir / "metrics.json", table)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` by entry key (empty before its first evaluation)."""
+    path = run_dir / "metrics.json"
+    return read_json(path, "metrics") if path.is_file() else {}
 
 
 @contextlib.contextmanager
@@ -216,11 +221,8 @@ def recorded_predictions(run_dir: Path, task: TaskSpec, split: str, facts: dict[
     """``(probs, labels)`` an earlier, untempered evaluation of ``task``/``split`` recorded with the
     same predictive facts (samples, seed, predictive) and limit, or ``None``: the same examples
     and draws, so a tempered evaluation can reuse them instead of predicting again."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
     prefix = f"{task.name}/{split}"  # a task read from a file may have "/" in its name
-    for key, entry in read_json(path, "metrics").items():
+    for key, entry in read_metrics(run_dir).items():
         if ((key == prefix or key.startswith(prefix + "/")) and "temperature" not in entry and "limit" in entry
                 and entry["limit"] == limit and all(entry.get(k) == v for k, v in facts.items())):
             if _predictions_file(run_dir, key).is_file():

@@ -21,7 +21,6 @@ replaces them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from typing import Any, Callable
 from ..data import get_task
 from ..evaluation import Metrics, compute_metrics, plot_reliability
 from ..io import atomic_write_json, atomic_write_text
-from .common import load_predictions, read_config, run_config_of
+from .common import load_predictions, read_config, read_metrics, run_config_of
 from .config import LaplaceRunConfig, SVIConfig, preset_config
 from .laplace import laplace
 from .load import evaluate
@@ -69,10 +68,11 @@ class Comparison:
         return "\n".join(rows)
 
 
-def _recorded(run_dir: Path) -> dict[str, Any]:
-    """The run's ``metrics.json`` (empty before its first evaluation)."""
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _evaluated_once(run_dir: Path, key: str, tag: str, **options: Any) -> str:
+    """``key/tag``: the run evaluated with ``options`` and recorded under it, unless it already is."""
+    if f"{key}/{tag}" not in read_metrics(run_dir):
+        evaluate(run_dir, record_as=tag, **options)
+    return f"{key}/{tag}"
 
 
 def _finished(run_dir: Path) -> bool:
@@ -122,10 +122,8 @@ def compare(cfg: SVIConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_
                           lambda ow: train(map_cfg, run_dir, overwrite=ow, progress=progress, cache=cache))
             record(method, run_dir, key)
         elif method == "map+ts":
-            tag = "temperature-validation"
-            if f"{key}/{tag}" not in _recorded(run_dir):
-                evaluate(run_dir, temperature="validation", progress=progress, cache=cache, record_as=tag)
-            record(method, run_dir, f"{key}/{tag}")
+            record(method, run_dir, _evaluated_once(run_dir, key, "temperature-validation", temperature="validation",
+                                                    progress=progress, cache=cache))
         elif method == "blob-adam":
             bayes_cfg = preset_config("blob-adam", **{k: v for k, v in base.items() if k not in ("guide", "objective")})
             _reuse_or_run(run_dir, bayes_cfg.to_dict(), overwrite,
@@ -137,11 +135,8 @@ def compare(cfg: SVIConfig, out: str | Path, methods: tuple[str, ...] = DEFAULT_
             _reuse_or_run(run_dir, ab_cfg.to_dict(), overwrite,
                           lambda ow: train(ab_cfg, run_dir, overwrite=ow, progress=progress, cache=cache,
                                            evaluate_after=False))
-            tag = "glm-prior-validation"
-            if f"{key}/{tag}" not in _recorded(run_dir):
-                evaluate(run_dir, predictive="glm", prior_precision="validation", progress=progress, cache=cache,
-                         record_as=tag)
-            record(method, run_dir, f"{key}/{tag}")
+            record(method, run_dir, _evaluated_once(run_dir, key, "glm-prior-validation", predictive="glm",
+                                                    prior_precision="validation", progress=progress, cache=cache))
         else:  # laplace around the MAP
             lcfg = LaplaceRunConfig.like(cfg, seed=cfg.seed,
                                          laplace={"adapter": str(out / "map"), "prior_precision": "val-nll"})
